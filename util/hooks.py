@@ -1,0 +1,127 @@
+"""Context-manager hooks that record or edit a module's input or output.
+
+One small mechanism used everywhere instead of model-specific forward code (MEMIT's idea)::
+
+    with Trace(model, "model.layers.5.mlp.down_proj", retain_input=True) as t:
+        model(**inputs)
+    keys = t.input
+
+    with Trace(model, name, edit_output=lambda out: out + delta):
+        model(**inputs)
+
+Decoder layers of transformers 5 return a tensor, older ones a tuple whose first element is the hidden
+state; both are handled. ``stop=True`` raises ``StopForward`` after the module ran, so a forward pass
+can end at the last layer that is needed; ``Trace`` swallows it.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Callable, Iterable, Optional
+
+import torch
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early; caught by the enclosing Trace."""
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = [n for n in modules if n.split(".")[-1] == name.split(".")[-1]][:5]
+        raise KeyError(
+            f"model {type(model).__name__} has no module '{name}'. Similar names: {close}. "
+            "Check the *_module_tmp entries of the hparams file for this architecture."
+        )
+    return modules[name]
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    return hidden
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Hook one module: keep its input and/or output, optionally rewrite its output."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layer: str,
+        retain_input: bool = False,
+        retain_output: bool = True,
+        edit_output: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        detach: bool = True,
+        stop: bool = False,
+    ):
+        self.input: Optional[torch.Tensor] = None
+        self.output: Optional[torch.Tensor] = None
+        module = get_module(model, layer)
+
+        def hook(_module, inputs, output):
+            if retain_input:
+                value = inputs[0]
+                self.input = value.detach() if detach else value
+            hidden = _hidden(output)
+            if edit_output is not None:
+                hidden = edit_output(hidden)
+                output = _replace_hidden(output, hidden)
+            if retain_output:
+                self.output = hidden.detach() if detach else hidden
+            if stop:
+                raise StopForward()
+            return output
+
+        self._handle = module.register_forward_hook(hook)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class TraceDict(OrderedDict, contextlib.AbstractContextManager):
+    """Trace several modules at once; ``stop=True`` stops after the last of ``layers`` in forward order."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Iterable[str],
+        retain_input: bool = False,
+        retain_output: bool = True,
+        edit_output: Optional[Callable[[torch.Tensor, str], torch.Tensor]] = None,
+        detach: bool = True,
+        stop: bool = False,
+    ):
+        super().__init__()
+        layers = list(dict.fromkeys(layers))
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        for name in layers:
+            get_module(model, name)  # clear error for a bad name
+        last = max(layers, key=lambda n: order[n]) if layers else None
+        for name in layers:
+            self[name] = Trace(
+                model,
+                name,
+                retain_input=retain_input,
+                retain_output=retain_output,
+                edit_output=(lambda out, n=name: edit_output(out, n)) if edit_output else None,
+                detach=detach,
+                stop=stop and name == last,
+            )
+
+    def close(self) -> None:
+        for trace in self.values():
+            trace.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
