@@ -1,0 +1,406 @@
+"""summarize.py: per-case metrics from hand-chosen NLLs / token correctness, aggregation, stages, run
+selection, error messages, the CLI (table and JSON) and the downstream table and plot."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import summarize as sm  # noqa: E402
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def nll(new: float, true: float) -> dict:
+    return {"target_new": new, "target_true": true}
+
+
+def cf_stage(rewrite, paraphrase, neighborhood, **extra) -> dict:
+    return {
+        "rewrite_prompts_probs": [nll(*p) for p in rewrite],
+        "paraphrase_prompts_probs": [nll(*p) for p in paraphrase],
+        "neighborhood_prompts_probs": [nll(*p) for p in neighborhood],
+        **extra,
+    }
+
+
+def write_case(run_dir: Path, case_id, group, time: float, num_edits: int = 2, **stages) -> Path:
+    record = {
+        "case_id": case_id,
+        "grouped_case_ids": group,
+        "num_edits": num_edits,
+        "requested_rewrite": {"prompt": "{} plays", "subject": f"S{case_id}",
+                              "target_new": {"str": "x"}, "target_true": {"str": "y"}},
+        "time": time,
+        **stages,
+    }
+    path = run_dir / f"{num_edits}_edits-case_{case_id}.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def write_params(run_dir: Path, ds_name: str = "mcf", sequential: bool = False, num_edits: int = 2) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "params.json").write_text(json.dumps({
+        "alg_name": "MEMIT", "model_name": "gpt2-xl", "ds_name": ds_name, "num_edits": num_edits,
+        "sequential": sequential, "hparams": {"layers": [13, 14]},
+    }))
+
+
+def ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 1.96 * sample-std / sqrt(n), in percent, computed here without numpy."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return 100 * mean, 100 * 1.96 * math.sqrt(var) / math.sqrt(n)
+
+
+E = math.exp
+
+# Three CounterFact cases with hand-chosen NLLs (post stage). Per case:
+#   case 0: efficacy 1, generalization 1/2, specificity 1
+#   case 1: efficacy 0 (tie 1.0 vs 1.0 counts as failure), generalization 0, specificity 1/2
+#   case 2: efficacy 1, generalization 1, specificity 0 (tie counts as failure)
+CF_POST = {
+    0: cf_stage([(0.1, 2.0)], [(0.5, 1.0), (2.0, 1.0)], [(3.0, 1.0)], ngram_entropy=6.0, reference_score=None),
+    1: cf_stage([(1.0, 1.0)], [(2.0, 1.0), (3.0, 1.0)], [(1.0, 3.0), (4.0, 2.0)],
+                ngram_entropy=6.2, reference_score=None),
+    2: cf_stage([(0.2, 0.4)], [(0.3, 3.0)], [(1.5, 1.5)], ngram_entropy=5.8, reference_score=None),
+}
+EFF = [1.0, 0.0, 1.0]
+GEN = [0.5, 0.0, 1.0]
+SPEC = [1.0, 0.5, 0.0]
+EFF_MAG = [E(-0.1) - E(-2.0), 0.0, E(-0.2) - E(-0.4)]
+GEN_MAG = [((E(-0.5) - E(-1.0)) + (E(-2.0) - E(-1.0))) / 2, ((E(-2.0) - E(-1.0)) + (E(-3.0) - E(-1.0))) / 2,
+           E(-0.3) - E(-3.0)]
+SPEC_MAG = [E(-1.0) - E(-3.0), ((E(-3.0) - E(-1.0)) + (E(-2.0) - E(-4.0))) / 2, 0.0]
+
+
+@pytest.fixture
+def cf_results(tmp_path: Path) -> Path:
+    """results/MEMIT/run_000: 3 CounterFact cases in 2 rounds ({0, 1}: 2 s, {2}: 5 s), pre + post."""
+    run = tmp_path / "MEMIT" / "run_000"
+    write_params(run)
+    pre = cf_stage([(3.0, 0.5)], [(3.0, 0.5)], [(3.0, 0.5)])  # unedited: efficacy 0, specificity 1
+    write_case(run, 0, [0, 1], 2.0, pre=pre, post=CF_POST[0])
+    write_case(run, 1, [0, 1], 2.0, pre=pre, post=CF_POST[1])
+    write_case(run, 2, [2], 5.0, pre=pre, post=CF_POST[2])
+    return tmp_path
+
+
+# ------------------------------------------------------------------ per-case metrics
+
+
+def test_counterfact_case_metrics_exact():
+    m = sm.counterfact_case_metrics(CF_POST[1])
+    assert m["efficacy"] == 0.0  # a tie is not a success
+    assert m["generalization"] == 0.0
+    assert m["specificity"] == 0.5
+    assert m["efficacy_magnitude"] == pytest.approx(0.0)
+    assert m["generalization_magnitude"] == pytest.approx(GEN_MAG[1])
+    assert m["specificity_magnitude"] == pytest.approx(SPEC_MAG[1])
+    assert m["fluency"] == 6.2 and m["consistency"] is None
+
+
+def test_zsre_case_metrics_mean_of_prompt_means():
+    stage = {
+        "rewrite_prompts_correct": [[True, False, True, True]],
+        # per-prompt means 1 and 0 -> 0.5 (pooled tokens would give 0.25)
+        "paraphrase_prompts_correct": [[True], [False, False, False]],
+        "neighborhood_prompts_correct": [[True, True], [True, False]],
+    }
+    m = sm.zsre_case_metrics(stage)
+    assert m == {"efficacy": 0.75, "generalization": 0.5, "specificity": 0.75}
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def test_counterfact_run_numbers(cf_results: Path):
+    (run,) = sm.summarize("MEMIT", results_dir=cf_results)
+    assert run["dataset"] == "counterfact"
+    assert run["n_cases"] == 3 and run["n_rounds"] == 2
+    assert run["time_per_round"] == pytest.approx(3.5)
+    assert run["time_total"] == pytest.approx(7.0)
+    post = run["stages"]["post"]
+    assert post["n_cases"] == 3
+    for key, per_case in (("efficacy", EFF), ("generalization", GEN), ("specificity", SPEC),
+                          ("efficacy_magnitude", EFF_MAG), ("generalization_magnitude", GEN_MAG),
+                          ("specificity_magnitude", SPEC_MAG)):
+        mean, half = ci(per_case)
+        assert post[key]["mean"] == pytest.approx(mean), key
+        assert post[key]["ci95"] == pytest.approx(half), key
+        assert post[key]["low"] == pytest.approx(mean - half), key
+        assert post[key]["high"] == pytest.approx(mean + half), key
+        assert post[key]["n"] == 3
+    # efficacy 66.67 +- 65.33 (std 57.74), generalization 50, specificity 50
+    assert post["efficacy"]["mean"] == pytest.approx(200 / 3)
+    assert post["efficacy"]["ci95"] == pytest.approx(1.96 * 100 * math.sqrt(1 / 3) / math.sqrt(3))
+    assert post["score"] == pytest.approx(3 / (3 / 200 + 1 / 50 + 1 / 50))
+    assert post["fluency"]["mean"] == pytest.approx(600.0)  # ngram_entropy x100 (MEMIT table scale)
+    assert post["consistency"] is None and post["consistency_status"] == "unavailable"
+    assert any("consistency unavailable" in note for note in post["notes"])
+
+
+def test_score_is_zero_when_one_metric_is_zero(tmp_path: Path):
+    run = tmp_path / "A" / "run_000"
+    write_params(run)
+    write_case(run, 0, [0], 1.0, post=cf_stage([(0.1, 2.0)], [(0.1, 2.0)], [(0.1, 2.0)]))
+    (res,) = sm.summarize("A", results_dir=tmp_path)
+    post = res["stages"]["post"]
+    assert post["efficacy"]["mean"] == 100.0 and post["specificity"]["mean"] == 0.0
+    assert post["score"] == 0.0
+    assert post["efficacy"]["ci95"] is None  # one case: no interval
+
+
+def test_zsre_run_aggregation(tmp_path: Path):
+    run = tmp_path / "ECE_WI" / "run_000"
+    write_params(run, ds_name="zsre")
+    stages = [
+        {"rewrite_prompts_correct": [[True, True]], "paraphrase_prompts_correct": [[True], [False, False]],
+         "neighborhood_prompts_correct": [[True, False, False, False]]},
+        {"rewrite_prompts_correct": [[True, False]], "paraphrase_prompts_correct": [[True, True]],
+         "neighborhood_prompts_correct": [[True]]},
+    ]
+    write_case(run, 10, [10, 11], 1.5, post=stages[0])
+    write_case(run, 11, [10, 11], 1.5, post=stages[1])
+    (res,) = sm.summarize("ECE_WI", results_dir=tmp_path)
+    assert res["dataset"] == "zsre"
+    post = res["stages"]["post"]
+    for key, per_case in (("efficacy", [1.0, 0.5]), ("generalization", [0.5, 1.0]),
+                          ("specificity", [0.25, 1.0])):
+        mean, half = ci(per_case)
+        assert post[key]["mean"] == pytest.approx(mean)
+        assert post[key]["ci95"] == pytest.approx(half)
+    assert post["score"] == pytest.approx(3 / (1 / 75 + 1 / 75 + 1 / 62.5))
+    assert post["efficacy_magnitude"] is None and post["fluency"] is None
+    assert res["n_rounds"] == 1 and res["time_per_round"] == pytest.approx(1.5)
+    assert res["time_total"] == pytest.approx(1.5)
+
+
+def test_pre_post_final_kept_separate(tmp_path: Path):
+    run = tmp_path / "ECE_WI" / "run_000"
+    write_params(run, sequential=True, num_edits=1)
+    fail = cf_stage([(3.0, 1.0)], [(3.0, 1.0)], [(1.0, 3.0)])  # 0 / 0 / 0
+    win = cf_stage([(1.0, 3.0)], [(1.0, 3.0)], [(3.0, 1.0)])  # 100 / 100 / 100
+    write_case(run, 0, [0], 1.0, num_edits=1, pre=fail, post=win, final=win)
+    write_case(run, 1, [1], 3.0, num_edits=1, pre=fail, post=win, final=fail)
+    (res,) = sm.summarize("ECE_WI", results_dir=tmp_path)
+    assert list(res["stages"]) == ["pre", "post", "final"]
+    pre, post, final = (res["stages"][s] for s in ("pre", "post", "final"))
+    assert pre["efficacy"]["mean"] == 0.0 and pre["score"] == 0.0
+    assert post["efficacy"]["mean"] == 100.0 and post["specificity"]["mean"] == 100.0
+    assert post["score"] == pytest.approx(100.0)
+    assert final["efficacy"]["mean"] == 50.0 and final["specificity"]["mean"] == 50.0
+    assert final["score"] == pytest.approx(50.0)
+    assert final["efficacy"]["ci95"] == pytest.approx(ci([1.0, 0.0])[1])
+    assert res["n_rounds"] == 2 and res["time_total"] == pytest.approx(4.0)
+
+
+def test_non_sequential_run_has_no_final(cf_results: Path):
+    (run,) = sm.summarize("MEMIT", results_dir=cf_results)
+    assert list(run["stages"]) == ["pre", "post"]
+    assert run["stages"]["pre"]["efficacy"]["mean"] == 0.0
+    assert run["stages"]["pre"]["specificity"]["mean"] == 100.0
+
+
+# ------------------------------------------------------------------ run selection and files
+
+
+def _three_runs(tmp_path: Path) -> Path:
+    for i, eff in enumerate([(0.1, 2.0), (2.0, 0.1), (0.1, 2.0)]):
+        run = tmp_path / "MEMIT" / f"run_00{i}"
+        write_params(run)
+        write_case(run, 0, [0], float(i + 1), post=cf_stage([eff], [eff], [(2.0, 0.1)]))
+    return tmp_path
+
+
+def test_runs_selection_and_ignored_entries(tmp_path: Path):
+    root = _three_runs(tmp_path)
+    (root / "MEMIT" / ".run_003").mkdir()
+    (root / "MEMIT" / "notes").mkdir()
+    # a temp file left by an interrupted atomic write, with a case-file-like name
+    (root / "MEMIT" / "run_000" / ".2_edits-case_7.json").write_text("{not json")
+    (root / "MEMIT" / "run_000" / ".2_edits-case_8.json.abc.tmp").write_text("{")
+    assert [r["run"] for r in sm.summarize("MEMIT", results_dir=root)] == ["run_000", "run_001", "run_002"]
+    picked = sm.summarize("MEMIT", runs="run_002,run_000", results_dir=root)
+    assert [r["run"] for r in picked] == ["run_002", "run_000"]
+    assert picked[1]["n_cases"] == 1
+    assert [r["run"] for r in sm.summarize("MEMIT", runs=["1"], results_dir=root)] == ["run_001"]
+    assert sm.summarize("MEMIT", runs=["run_001"], results_dir=root)[0]["stages"]["post"]["efficacy"]["mean"] == 0.0
+
+
+def test_results_dir_from_environment(tmp_path: Path, monkeypatch):
+    root = _three_runs(tmp_path)
+    monkeypatch.setenv("ECE_RESULTS_DIR", str(root))
+    assert len(sm.summarize("MEMIT")) == 3
+
+
+def test_missing_run_message_names_path_and_available(tmp_path: Path):
+    root = _three_runs(tmp_path)
+    with pytest.raises(sm.SummarizeError) as info:
+        sm.summarize("MEMIT", runs="run_000,run_009", results_dir=root)
+    msg = str(info.value)
+    assert "run_009" in msg and str(root / "MEMIT") in msg
+    assert "run_000, run_001, run_002" in msg
+
+
+def test_missing_results_folder_message(tmp_path: Path):
+    _three_runs(tmp_path)
+    with pytest.raises(sm.SummarizeError) as info:
+        sm.summarize("ROME", results_dir=tmp_path)
+    assert str(tmp_path / "ROME") in str(info.value) and "MEMIT" in str(info.value)
+    with pytest.raises(sm.SummarizeError) as info:
+        sm.summarize("MEMIT", results_dir=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere" / "MEMIT") in str(info.value)
+
+
+def test_corrupt_case_file_named(tmp_path: Path):
+    root = _three_runs(tmp_path)
+    bad = root / "MEMIT" / "run_001" / "2_edits-case_5.json"
+    bad.write_text('{"case_id": 5, "post": {"rewrite_prompts_pr')
+    with pytest.raises(sm.SummarizeError) as info:
+        sm.summarize("MEMIT", runs="run_001", results_dir=root)
+    assert str(bad) in str(info.value)
+    # structurally broken: an NLL entry without target_true
+    bad.write_text(json.dumps({"case_id": 5, "post": {"rewrite_prompts_probs": [{"target_new": 1.0}]}}))
+    with pytest.raises(sm.SummarizeError) as info:
+        sm.summarize("MEMIT", runs="run_001", results_dir=root)
+    assert str(bad) in str(info.value) and "target_true" in str(info.value)
+
+
+def test_cli_errors_without_traceback(tmp_path: Path, capsys):
+    root = _three_runs(tmp_path)
+    bad = root / "MEMIT" / "run_002" / "2_edits-case_4.json"
+    bad.write_text("[1, 2")
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={root}"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+    assert sm.main(["--dir_name=MEMIT", "--runs=run_007", f"--results_dir={root}"]) == 2
+    err = capsys.readouterr().err
+    assert "run_007" in err and "run_000, run_001, run_002" in err
+
+
+# ------------------------------------------------------------------ CLI output
+
+
+def test_cli_table(cf_results: Path, capsys):
+    assert sm.main(["--dir_name=MEMIT", "--runs=run_000", f"--results_dir={cf_results}"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("run_000  ")]
+    assert len(rows) == 2
+    pre_row, post_row = rows
+    assert " pre " in pre_row and " post " in post_row
+    mean, half = ci(EFF)
+    assert f"{mean:.1f} ± {half:.1f}" in post_row  # 66.7 ± 65.3
+    assert "50.0 ± 56.6" in post_row  # generalization and specificity
+    assert f"{3 / (3 / 200 + 1 / 50 + 1 / 50):.1f}" in post_row  # Score 54.5
+    assert "600.0 ± 22.6" in post_row  # fluency x100
+    assert "n/a" in post_row  # consistency unavailable
+    assert post_row.endswith("3.50")  # s/round
+    assert "consistency unavailable" in out
+    assert "3 cases in 2 rounds" in out and "3.50 s/round, 7.00 s total" in out
+
+
+def test_cli_json(cf_results: Path, capsys):
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={cf_results}", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data) == 1 and data[0]["run"] == "run_000"
+    post = data[0]["stages"]["post"]
+    assert post["specificity"]["mean"] == pytest.approx(50.0)
+    assert post["specificity_magnitude"]["mean"] == pytest.approx(ci(SPEC_MAG)[0])
+    assert post["consistency"] is None
+    assert data[0]["time_total"] == pytest.approx(7.0) and data[0]["n_rounds"] == 2
+    assert data[0]["model_name"] == "gpt2-xl" and data[0]["sequential"] is False
+
+
+def test_cli_as_script_json(cf_results: Path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "summarize.py"), "--dir_name=MEMIT", "--runs=run_000",
+         f"--results_dir={cf_results}", "--json"],
+        capture_output=True, text=True, cwd=str(cf_results), timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data[0]["stages"]["post"]["efficacy"]["mean"] == pytest.approx(200 / 3)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "summarize.py"), "--dir_name=NOPE", f"--results_dir={cf_results}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert str(cf_results / "NOPE") in proc.stderr
+
+
+# ------------------------------------------------------------------ downstream
+
+
+def _write_glue(run_dir: Path) -> None:
+    folder = run_dir / "glue_eval"
+    folder.mkdir()
+    (folder / "after_2.json").write_text(json.dumps({
+        "edit_count": 2, "tasks": {"sst2": {"accuracy": 0.8}, "mrpc": {"accuracy": 0.6, "f1": 0.55}}}))
+    (folder / "before.json").write_text(json.dumps({
+        "edit_count": 0, "tasks": {"sst2": {"accuracy": 0.9}, "mrpc": {"accuracy": 0.7, "f1": 0.75},
+                                   "cola": {"accuracy": 0.5, "mcc": 0.125}}}))
+    (folder / ".after_4.json.tmp").write_text("{")
+
+
+def test_downstream_table_and_plot(cf_results: Path, capsys):
+    run_dir = cf_results / "MEMIT" / "run_000"
+    _write_glue(run_dir)
+    (run,) = sm.summarize("MEMIT", results_dir=cf_results)
+    rows = run["downstream"]
+    assert [r["edit_count"] for r in rows] == [0, 2]
+    assert rows[0]["tasks"]["cola"]["mcc"] == 0.125
+    assert rows[1]["tasks"]["mrpc"]["f1"] == 0.55
+
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={cf_results}", "--plot"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("edit_count"))
+    assert "sst2 accuracy" in header and "mrpc f1" in header and "cola mcc" in header
+    cols = header.split("  ")
+    cols = [c.strip() for c in cols if c.strip()]
+    row0 = next(line for line in lines[lines.index(header):] if line.split() and line.split()[0] == "0").split()
+    row2 = next(line for line in lines[lines.index(header):] if line.split() and line.split()[0] == "2").split()
+    values0, values2 = dict(zip(cols, row0)), dict(zip(cols, row2))
+    assert values0["sst2 accuracy"] == "0.900" and values2["sst2 accuracy"] == "0.800"
+    assert values0["mrpc f1"] == "0.750" and values2["mrpc f1"] == "0.550"
+    assert values0["cola mcc"] == "0.125" and values2["cola mcc"] == "-"
+    png = run_dir / "downstream.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Plot: {png}" in out
+
+
+def test_plot_path_in_json_and_no_glue_is_quiet(cf_results: Path, tmp_path: Path, capsys):
+    root = _three_runs(tmp_path / "other")
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={root}", "--plot", "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert all(r["downstream"] is None and r["downstream_plot"] is None for r in data)
+    assert not list((root / "MEMIT").rglob("*.png"))
+    assert captured.err == ""
+
+    _write_glue(cf_results / "MEMIT" / "run_000")
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={cf_results}", "--plot", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["downstream_plot"] == str(cf_results / "MEMIT" / "run_000" / "downstream.png")
+    assert Path(data[0]["downstream_plot"]).stat().st_size > 0
+
+
+def test_corrupt_downstream_file_named(cf_results: Path):
+    folder = cf_results / "MEMIT" / "run_000" / "glue_eval"
+    folder.mkdir()
+    bad = folder / "0.json"
+    bad.write_text(json.dumps({"tasks": {"sst2": {"accuracy": 0.9}}}))
+    with pytest.raises(sm.SummarizeError) as info:
+        sm.summarize("MEMIT", results_dir=cf_results)
+    assert str(bad) in str(info.value) and "edit_count" in str(info.value)
