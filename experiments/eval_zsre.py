@@ -1,0 +1,42 @@
+"""zsRE metrics of one record, in MEMIT's result format (DESIGN.md section 7).
+
+``compute_rewrite_quality_zsre`` returns, per prompt, the list of per-token top-1 correctness under teacher
+forcing::
+
+    rewrite_prompts_correct       [[bool per target_new token]]   the question (src)
+    paraphrase_prompts_correct    [[bool per target_new token]]   the rephrased question
+    neighborhood_prompts_correct  [[bool per loc_ans token]]      the unrelated NQ question, original answer
+
+MEMIT returns each as one flat list of tokens; here there is one inner list per prompt (the flat list is
+their concatenation). Token accuracy is the mean of the booleans.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from util.scoring import continuation_scores
+
+PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
+
+
+def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 32) -> Dict[str, List[List[bool]]]:
+    """Per-token top-1 correctness on the edit prompt, its paraphrases and the neighbourhood prompts,
+    scored in one batched ``continuation_scores`` call."""
+    rewrite = record["requested_rewrite"]
+    target_new = rewrite["target_new"]["str"]
+    edit_prompts = [rewrite["prompt"].format(rewrite["subject"])]
+    paraphrases = list(record.get("paraphrase_prompts", []))
+    neighbours = list(record.get("neighborhood_prompts", []))
+    groups = {
+        "rewrite_prompts": [(p, target_new) for p in edit_prompts],
+        "paraphrase_prompts": [(p, target_new) for p in paraphrases],
+        "neighborhood_prompts": [(n["prompt"], n["target"]) for n in neighbours],
+    }
+    pairs = [pair for kind in PROMPT_KINDS for pair in groups[kind]]
+    scores = continuation_scores(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size)
+    ret, start = {}, 0
+    for kind in PROMPT_KINDS:
+        count = len(groups[kind])
+        ret[f"{kind}_correct"] = [list(s.token_correct) for s in scores[start : start + count]]
+        start += count
+    return ret
