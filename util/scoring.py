@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 
 from util.models import model_device
-from util.tokens import chunks, pad_batch, prompt_ids, target_ids
+from util.tokens import chunks, prompt_target_batch
 
 
 @dataclass
@@ -32,19 +32,18 @@ def continuation_scores(
     """Score ``target`` (with a leading space) after ``prefix`` for each pair, batched."""
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
-    pairs = [(prompt_ids(tok, p), target_ids(tok, t)) for p, t in zip(prefixes, targets)]
     device = model_device(model)
+    pairs = list(zip(prefixes, targets))
     results: List[ContinuationScore] = []
     for batch in chunks(pairs, batch_size):
-        ids, mask = pad_batch(tok, [p + t for p, t in batch], device=device, side="right")
+        ids, mask, positions, wanted = prompt_target_batch(tok, *zip(*batch), device=device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        for row, (prefix, target) in enumerate(batch):
-            start = len(prefix) - 1
-            positions = torch.arange(start, start + len(target), device=logits.device)
-            log_probs = torch.log_softmax(logits[row, positions].float(), dim=-1)
-            wanted = torch.as_tensor(target, device=logits.device)
-            nlls = -log_probs.gather(1, wanted[:, None])[:, 0]
-            correct = log_probs.argmax(-1) == wanted
+        for row in range(len(batch)):
+            index = torch.as_tensor(positions[row], device=logits.device)
+            log_probs = torch.log_softmax(logits[row, index].float(), dim=-1)
+            target = torch.as_tensor(wanted[row], device=logits.device)
+            nlls = -log_probs.gather(1, target[:, None])[:, 0]
+            correct = log_probs.argmax(-1) == target
             results.append(ContinuationScore(nlls.tolist(), correct.tolist()))
     return results
 

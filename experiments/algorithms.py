@@ -1,0 +1,47 @@
+"""The editing algorithms the driver and the benchmark know: hparams class, entry point, protocol."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Type
+
+from util.hparams import HyperParams
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    hparams_class: Type[HyperParams]
+    apply: Callable  # apply(model, tok, requests, hparams, context, state) -> EditReport
+    sequential_by_default: bool
+    # Whether the method keeps C_prev between rounds (a SequentialState) when run sequentially.
+    uses_sequential_state: bool
+    hparams_folder: str = ""  # hparams/<folder>/; defaults to the algorithm's name
+
+    @property
+    def hparams_dir_name(self) -> str:
+        return self.hparams_folder or self.name
+
+
+def _registry():
+    from baselines.ft import FTHyperParams, apply_ft_to_model
+    from baselines.memit import MEMITHyperParams, apply_memit_to_model
+    from rome.rome_main import ROMEHyperParams, apply_rome_to_model
+
+    algorithms = [
+        Algorithm("ROME", ROMEHyperParams, apply_rome_to_model, False, False),
+        Algorithm("MEMIT", MEMITHyperParams, apply_memit_to_model, False, True),
+        Algorithm("MEMIT_seq", MEMITHyperParams, apply_memit_to_model, True, True, hparams_folder="MEMIT"),
+        Algorithm("FT", FTHyperParams, apply_ft_to_model, False, False),
+    ]
+    return {a.name: a for a in algorithms}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown algorithm '{name}'. Available: {', '.join(sorted(registry))}.")
+    return registry[name]
+
+
+def algorithm_names():
+    return sorted(_registry())

@@ -1,0 +1,63 @@
+"""Hyperparameters shared by the locate-and-edit family (ROME, MEMIT, AlphaEdit, ECE)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from util.hparams import HyperParams, require
+
+FACT_TOKEN_CHOICES = ("subject_last", "subject_first", "last")
+
+
+@dataclass
+class LocateEditHyperParams(HyperParams):
+    # Where to edit.
+    layers: List[int]
+    fact_token: str
+    rewrite_module_tmp: str  # MLP down-projection, e.g. "model.layers.{}.mlp.down_proj"
+    layer_module_tmp: str  # decoder layer, e.g. "model.layers.{}"
+    ln_f_module: str  # final norm before the unembedding, e.g. "model.norm"
+    # Target values (section 4 of DESIGN.md).
+    v_num_grad_steps: int
+    v_lr: float
+    v_loss_layer: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    # Second-moment statistics.
+    mom2_adjustment: bool
+    mom2_dataset: str  # "wikitext" (local text in DATA_DIR/wikitext, else HF), "wikipedia", or a .txt path
+    mom2_n_samples: int  # number of text chunks
+    mom2_dtype: str
+    mom2_update_weight: float = 1.0  # lambda in lambda * C0 (MEMIT); unused by ROME
+    mom2_sample_length: int = 128  # tokens per text chunk
+    # Stopping rule of the target-value loop and the context templates ([[length, count], ...]).
+    v_stop_loss: float = 5e-2
+    context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
+    # Accepted for compatibility with MEMIT's files; the model's output-embedding module is used.
+    layer_selection: Optional[str] = None
+    lm_head_module: Optional[str] = None
+    mlp_module_tmp: Optional[str] = None
+    attn_module_tmp: Optional[str] = None
+
+    def validate(self, source: str) -> None:
+        require(len(self.layers) > 0, source, "layers", "must list at least one layer")
+        require(self.layers == sorted(set(self.layers)), source, "layers", "must be increasing without repeats")
+        require(self.fact_token in FACT_TOKEN_CHOICES, source, "fact_token", f"must be one of {FACT_TOKEN_CHOICES}")
+        for key in ("rewrite_module_tmp", "layer_module_tmp"):
+            require("{}" in getattr(self, key), source, key, "must contain '{}' where the layer number goes")
+        require(self.v_num_grad_steps >= 1, source, "v_num_grad_steps", "must be >= 1")
+        require(self.v_lr > 0, source, "v_lr", "must be > 0")
+        require(self.v_loss_layer >= max(self.layers), source, "v_loss_layer", "must be >= the last edited layer")
+        require(self.clamp_norm_factor > 0, source, "clamp_norm_factor", "must be > 0")
+        require(self.mom2_n_samples >= 1, source, "mom2_n_samples", "must be >= 1")
+        require(self.mom2_dtype in ("float32", "float64", "float16", "bfloat16"), source, "mom2_dtype",
+                "must be float32, float64, float16 or bfloat16")
+        require(all(len(p) == 2 for p in self.context_template_length_params), source,
+                "context_template_length_params", "must be a list of [length_in_tokens, count] pairs")
+
+    def rewrite_module(self, layer: int) -> str:
+        return self.rewrite_module_tmp.format(layer)
+
+    def layer_module(self, layer: int) -> str:
+        return self.layer_module_tmp.format(layer)

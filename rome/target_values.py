@@ -1,0 +1,188 @@
+"""Target values ``z_j = h_j + delta_j`` at the last edited layer, many requests in one loop.
+
+For each request, ``delta_j`` is added to the residual stream (output of decoder layer ``z_layer``) at
+the fact token of every prompt of that request, and optimised with Adam to minimise
+
+    NLL(target_new | template + prompt), averaged over the context templates
+    + kl_factor * KL(p_0 || p) of the next-token distribution at the fact token of "{subject} is a"
+    + v_weight_decay * ||delta_j|| / ||h_j||^2
+
+where the loss is read at ``v_loss_layer`` through the final norm and the output embedding, only at
+the positions that predict target tokens (not over the whole sequence and vocabulary). Each request
+stops when its own loss falls below ``v_stop_loss``; its delta is then frozen while the others go on.
+Requests never interact (separate rows, separate deltas; Adam is element-wise), so one loop over many
+requests gives the same values as one loop per request, only with fewer, larger forward passes.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from rome.fact_tokens import expand_templates, fact_token_index
+from util.hooks import Trace, get_module
+from util.models import model_device
+from util.tokens import chunks, pad_batch, prompt_ids, target_ids
+
+LOG = logging.getLogger(__name__)
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class TargetValues:
+    targets: torch.Tensor  # [n, d_model]: h + delta
+    initial: torch.Tensor  # [n, d_model]: h, the unedited output at the fact token (bare prompt)
+    steps: List[int] = field(default_factory=list)  # optimisation steps taken by each request
+    losses: List[float] = field(default_factory=list)  # last loss of each request
+    loops: int = 0  # optimisation loops run (one per batch of requests)
+
+
+@dataclass
+class _Batch:
+    """Token rows of one loop: per request, one row per template and one KL row (request-major)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    fact_rows: torch.Tensor  # row of every row (0..R-1), for the delta addition
+    fact_positions: torch.Tensor
+    row_request: torch.Tensor  # request index of every row
+    first_rows: torch.Tensor  # for each request, its bare-prompt row (the first template)
+    token_rows: torch.Tensor  # one entry per predicted target token
+    token_positions: torch.Tensor
+    token_ids: torch.Tensor
+    token_weights: torch.Tensor  # 1 / (target length * templates): sums to 1 per request
+    token_request: torch.Tensor
+    kl_rows: torch.Tensor
+    kl_positions: torch.Tensor
+
+
+def _build_batch(tok, requests, templates: Sequence[str], fact_token: str, device) -> _Batch:
+    sequences, fact_positions, row_request, first_rows = [], [], [], []
+    token_rows, token_positions, token_ids, token_weights, token_request = [], [], [], [], []
+    kl_rows, kl_positions = [], []
+    for j, request in enumerate(requests):
+        target = target_ids(tok, request["target_new"]["str"])
+        first_rows.append(len(sequences))
+        for template in expand_templates(templates, request["prompt"]):
+            prompt = prompt_ids(tok, template.format(request["subject"]))
+            row = len(sequences)
+            sequences.append(prompt + target[:-1])
+            fact_positions.append(fact_token_index(tok, template, request["subject"], fact_token))
+            row_request.append(j)
+            for offset, token in enumerate(target):
+                token_rows.append(row)
+                token_positions.append(len(prompt) - 1 + offset)
+                token_ids.append(token)
+                token_weights.append(1.0 / (len(target) * len(templates)))
+                token_request.append(j)
+        kl_rows.append(len(sequences))
+        sequences.append(prompt_ids(tok, KL_PROMPT.format(request["subject"])))
+        kl_index = fact_token_index(tok, KL_PROMPT, request["subject"], fact_token)
+        fact_positions.append(kl_index)
+        kl_positions.append(kl_index)
+        row_request.append(j)
+    ids, mask = pad_batch(tok, sequences, device=device, side="right")
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+    return _Batch(
+        input_ids=ids, attention_mask=mask,
+        fact_rows=torch.arange(len(sequences), device=device), fact_positions=as_long(fact_positions),
+        row_request=as_long(row_request), first_rows=as_long(first_rows),
+        token_rows=as_long(token_rows), token_positions=as_long(token_positions), token_ids=as_long(token_ids),
+        token_weights=torch.tensor(token_weights, device=device), token_request=as_long(token_request),
+        kl_rows=as_long(kl_rows), kl_positions=as_long(kl_positions),
+    )
+
+
+def compute_target_values(
+    model, tok, requests, hparams, template_groups, z_layer: int, requests_per_loop: Optional[int] = None
+) -> TargetValues:
+    """Optimise the target value of every request; ``requests_per_loop`` requests share one loop
+    (``None``: all of them; ``1``: one loop per request, MEMIT's original schedule)."""
+    templates = [t for group in template_groups for t in group]
+    size = requests_per_loop or max(len(requests), 1)
+    parts = [_optimise(model, tok, part, hparams, templates, z_layer) for part in chunks(list(requests), size)]
+    return TargetValues(
+        targets=torch.cat([p.targets for p in parts]),
+        initial=torch.cat([p.initial for p in parts]),
+        steps=[s for p in parts for s in p.steps],
+        losses=[x for p in parts for x in p.losses],
+        loops=len(parts),
+    )
+
+
+def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetValues:
+    z_module = get_module(model, hparams.layer_module(z_layer))
+    loss_module_name = hparams.layer_module(hparams.v_loss_layer)
+    ln_f = get_module(model, hparams.ln_f_module)
+    unembed = model.get_output_embeddings()
+    head_device = unembed.weight.device
+    batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
+    n = len(requests)
+    delta_device = next(z_module.parameters()).device
+    delta = torch.zeros((n, model.config.hidden_size), device=delta_device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    initial: Optional[torch.Tensor] = None
+    initial_kl: Optional[torch.Tensor] = None
+    active = torch.ones(n, dtype=torch.bool, device=delta_device)
+    steps = torch.zeros(n, dtype=torch.long)
+    last_loss = torch.zeros(n)
+    stops_early = hparams.v_loss_layer < model.config.num_hidden_layers - 1
+
+    def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+        nonlocal initial
+        rows, positions = batch.fact_rows.to(hidden.device), batch.fact_positions.to(hidden.device)
+        if initial is None:
+            initial = hidden[batch.first_rows.to(hidden.device), positions[batch.first_rows]].detach().float()
+        addition = delta[batch.row_request.to(delta.device)].to(hidden.device, hidden.dtype)
+        return hidden.index_put((rows, positions), addition, accumulate=True)
+
+    def log_probs_at(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        selected = hidden[rows.to(hidden.device), positions.to(hidden.device)]
+        selected = selected.to(ln_f.weight.device if hasattr(ln_f, "weight") else selected.device)
+        logits = unembed(ln_f(selected).to(head_device))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    for step in range(hparams.v_num_grad_steps):
+        with ExitStack() as stack:
+            stack.enter_context(Trace(model, hparams.layer_module(z_layer), retain_output=False, edit_output=add_delta))
+            loss_trace = stack.enter_context(
+                Trace(model, loss_module_name, retain_output=True, detach=False, stop=stops_early)
+            )
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hidden = loss_trace.output
+        token_log_probs = log_probs_at(hidden, batch.token_rows, batch.token_positions)
+        token_nll = -token_log_probs.gather(1, batch.token_ids.to(head_device)[:, None])[:, 0]
+        nll = torch.zeros(n, device=head_device).index_add(
+            0, batch.token_request.to(head_device), token_nll * batch.token_weights.to(head_device)
+        )
+        kl_log_probs = log_probs_at(hidden, batch.kl_rows, batch.kl_positions)
+        if initial_kl is None:
+            initial_kl = kl_log_probs.detach()
+        kl = (initial_kl.exp() * (initial_kl - kl_log_probs)).sum(-1)
+        init_norm = initial.to(delta_device).norm(dim=1)
+        weight_decay = hparams.v_weight_decay * (delta.norm(dim=1) / init_norm**2)
+        loss = nll.to(delta_device) + hparams.kl_factor * kl.to(delta_device) + weight_decay
+        with torch.no_grad():
+            last_loss[active.cpu()] = loss.detach().float().cpu()[active.cpu()]
+            active &= loss >= hparams.v_stop_loss
+        if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:
+            break
+        optimizer.zero_grad()
+        (loss * active).sum().backward()
+        before = delta.detach().clone()
+        optimizer.step()
+        with torch.no_grad():
+            delta[~active] = before[~active]
+            max_norm = hparams.clamp_norm_factor * init_norm
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+        steps[active.cpu()] += 1
+    LOG.debug("target values: %d requests, steps %s, losses %s", n, steps.tolist(), last_loss.tolist())
+    targets = (initial.to(delta_device) + delta.detach()).float()
+    return TargetValues(targets=targets, initial=initial.to(delta_device), steps=steps.tolist(),
+                        losses=last_loss.tolist(), loops=1)

@@ -1,0 +1,124 @@
+"""Hooks, weight orientation, hparams validation, fact-token positions, model-loading errors."""
+import json
+
+import pytest
+import torch
+
+from rome.fact_tokens import fact_token_index, states_at_fact_tokens
+from util.hooks import Trace, TraceDict
+from util.hparams import HParamsError
+from util.models import ModelNotFoundError, load_model_and_tokenizer, parse_dtype
+from util.tokens import leading_special_ids, pad_batch
+from util.weights import add_to_weight, read_weight, snapshot_weights, temporarily_loaded
+
+GPT2_DOWN = "transformer.h.{}.mlp.c_proj"
+LLAMA_DOWN = "model.layers.{}.mlp.down_proj"
+
+
+@pytest.mark.parametrize("fixture,down,block", [("tiny_gpt2", GPT2_DOWN, "transformer.h.{}"),
+                                                ("tiny_llama", LLAMA_DOWN, "model.layers.{}")])
+def test_trace_records_and_edits(request, tiny_tok, fixture, down, block):
+    model = request.getfixturevalue(fixture)
+    ids = torch.tensor([tiny_tok("The tower is in Paris")["input_ids"]])
+    with Trace(model, down.format(1), retain_input=True) as t:
+        base = model(input_ids=ids).logits
+    weight, bias = read_weight(model, down.format(1)), getattr(model.get_submodule(down.format(1)), "bias", None)
+    expected = t.input @ weight.T + (bias if bias is not None else 0.0)
+    assert torch.allclose(t.output, expected, atol=1e-5)
+    # Editing a decoder layer's output (a tensor in transformers 5) changes the logits.
+    with Trace(model, block.format(2), edit_output=lambda h: h + 1.0):
+        edited = model(input_ids=ids).logits
+    assert not torch.allclose(base, edited)
+    # Stopping after a layer ends the forward pass without an error, with the output recorded.
+    with TraceDict(model, [block.format(0), block.format(1)], stop=True) as traces:
+        model(input_ids=ids)
+    assert traces[block.format(1)].output.shape[:2] == ids.shape
+
+
+@pytest.mark.parametrize("fixture,down", [("tiny_gpt2", GPT2_DOWN), ("tiny_llama", LLAMA_DOWN)])
+def test_weight_orientation_is_handled_in_one_place(request, fixture, down):
+    model = request.getfixturevalue(fixture)
+    name = down.format(0)
+    module = model.get_submodule(name)
+    w = read_weight(model, name)
+    d_out, d_in = w.shape
+    assert d_out == model.config.hidden_size and d_in > d_out  # [d_model, d_ff] whatever the storage
+    x = torch.randn(3, d_in)
+    delta = torch.randn(d_out, d_in) * 0.01
+    before = module(x)
+    original = snapshot_weights(model, [name])
+    add_to_weight(model, name, delta)
+    assert torch.allclose(module(x) - before, x @ delta.T, atol=1e-5)
+    with temporarily_loaded(model, original):
+        assert torch.allclose(module(x), before, atol=1e-6)
+    assert torch.allclose(module(x) - before, x @ delta.T, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        add_to_weight(model, name, delta.T)
+
+
+@pytest.mark.parametrize("tok_fixture", ["tiny_tok", "tiny_tok_bos"])
+def test_fact_token_index_with_and_without_bos(request, tok_fixture):
+    tok = request.getfixturevalue(tok_fixture)
+    template, subject = "The mother tongue of {} is", "Danielle Darrieux"
+    ids = tok(template.format(subject))["input_ids"]
+    last = fact_token_index(tok, template, subject, "subject_last")
+    first = fact_token_index(tok, template, subject, "subject_first")
+    assert tok.decode(ids[first : last + 1]).strip() == subject
+    assert fact_token_index(tok, template, subject, "last") == len(ids) - 1
+    # Subject at the very start of the prompt.
+    ids = tok("Paris is the capital")["input_ids"]
+    assert tok.decode(ids[: fact_token_index(tok, "{} is the capital", "Paris") + 1]).replace("<bos>", "") == "Paris"
+    assert len(leading_special_ids(tok)) == (1 if tok_fixture == "tiny_tok_bos" else 0)
+    with pytest.raises(ValueError, match="exactly once"):
+        fact_token_index(tok, "no placeholder", "Paris")
+
+
+def test_states_at_fact_tokens_do_not_depend_on_batching(tiny_llama, tiny_tok_bos):
+    templates = ["{} is in", "The famous tower called {} stands in the city of"]
+    subjects = ["Eiffel Tower", "Big Ben"]
+    name = LLAMA_DOWN.format(2)
+    together, _ = states_at_fact_tokens(tiny_llama, tiny_tok_bos, templates, subjects, "subject_last", inputs_of=[name])
+    for i in range(2):
+        alone, _ = states_at_fact_tokens(tiny_llama, tiny_tok_bos, templates[i:i + 1], subjects[i:i + 1],
+                                         "subject_last", inputs_of=[name])
+        assert torch.allclose(together[name][i], alone[name][0], atol=1e-5)
+
+
+def test_pad_batch_sides(tiny_tok):
+    ids, mask = pad_batch(tiny_tok, [[5, 6, 7], [8]], side="left")
+    assert ids[1].tolist()[-1] == 8 and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch(tiny_tok, [[5, 6, 7], [8]], side="right")
+    assert ids[1].tolist()[0] == 8 and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_hparams_errors_name_file_and_key(tmp_path):
+    from baselines.memit import MEMITHyperParams
+
+    good = json.loads(open("hparams/MEMIT/smollm2-135m.json").read())
+    MEMITHyperParams.from_dict(good)
+    cases = [
+        ({**good, "layerz": [1]}, "unknown key.*layerz"),
+        ({k: v for k, v in good.items() if k != "layers"}, "missing required key.*layers"),
+        ({**good, "v_lr": "fast"}, "'v_lr' must be float"),
+        ({**good, "layers": [7, 3]}, "'layers' must be increasing"),
+        ({**good, "v_loss_layer": 2}, "'v_loss_layer' must be >="),
+        ({**good, "rewrite_module_tmp": "model.mlp"}, "'rewrite_module_tmp' must contain"),
+    ]
+    for values, pattern in cases:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(values))
+        with pytest.raises(HParamsError, match=pattern) as info:
+            MEMITHyperParams.from_json(path)
+        assert str(path) in str(info.value)
+    path.write_text("{ not json")
+    with pytest.raises(HParamsError, match="not valid JSON.*line 1"):
+        MEMITHyperParams.from_json(path)
+
+
+def test_unknown_model_error_lists_embedded_models():
+    with pytest.raises(ModelNotFoundError, match="smollm2-135m") as info:
+        load_model_and_tokenizer("./no/such/model/dir", device="cpu")
+    assert "hub id" in str(info.value)
+    assert parse_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("float8", "cpu")
