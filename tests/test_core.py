@@ -122,3 +122,12 @@ def test_unknown_model_error_lists_embedded_models():
     assert parse_dtype("auto", "cpu") == torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("float8", "cpu")
+
+
+def test_trace_dict_stops_after_the_module_that_finishes_last(tiny_gpt2, tiny_tok):
+    ids = torch.tensor([tiny_tok("The tower is in Paris")["input_ids"]])
+    # The block contains the projection, so the block finishes last although it is listed first.
+    names = ["transformer.h.2", "transformer.h.2.mlp.c_proj"]
+    with TraceDict(tiny_gpt2, names, retain_input=True, stop=True) as traces:
+        tiny_gpt2(input_ids=ids)
+    assert traces["transformer.h.2"].output is not None and traces["transformer.h.2.mlp.c_proj"].input is not None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -45,6 +45,18 @@ def _replace_hidden(output, hidden):
     if isinstance(output, tuple):
         return (hidden,) + tuple(output[1:])
     return hidden
+
+
+def _finishing_last(model: torch.nn.Module, names: Sequence[str]) -> str:
+    """The module whose forward ends last: a parent ends after its children, so rank each module by its
+    last descendant in definition order, and a parent before its child on ties."""
+    order = [name for name, _ in model.named_modules()]
+
+    def finish(name: str):
+        inside = [i for i, other in enumerate(order) if other == name or other.startswith(name + ".")]
+        return (max(inside), -name.count("."))
+
+    return max(names, key=finish)
 
 
 class Trace(contextlib.AbstractContextManager):
@@ -103,10 +115,9 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     ):
         super().__init__()
         layers = list(dict.fromkeys(layers))
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         for name in layers:
             get_module(model, name)  # clear error for a bad name
-        last = max(layers, key=lambda n: order[n]) if layers else None
+        last = _finishing_last(model, layers) if layers else None
         for name in layers:
             self[name] = Trace(
                 model,
