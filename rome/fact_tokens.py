@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from util.hooks import TraceDict
-from util.models import model_device
+from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids
 
 
@@ -69,7 +69,7 @@ def states_at_fact_tokens(
         index = torch.tensor([fact_token_index(tok, t, s, fact_token) for t, s in batch])
         ids, mask = pad_batch(tok, [prompt_ids(tok, t.format(s)) for t, s in batch], device=device)
         with TraceDict(model, names, retain_input=bool(inputs_of), retain_output=bool(outputs_of), stop=True) as traces:
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask, **hidden_states_only_kwargs(model))
         for store, attr in ((inputs, "input"), (outputs, "output")):
             for name in store:
                 value = getattr(traces[name], attr)

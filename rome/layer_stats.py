@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from util.hooks import TraceDict
 from util.io import atomic_torch_save
-from util.models import model_device
+from util.models import hidden_states_only_kwargs, model_device
 from util.paths import get_paths, safe_name
 from util.tokens import leading_special_ids
 
@@ -128,7 +128,7 @@ def compute_second_moments(
     for start in tqdm(range(0, len(chunks), batch_size), desc="second moments", unit="batch"):
         ids = chunks[start : start + batch_size].to(device)
         with TraceDict(model, module_names, retain_input=True, retain_output=False, stop=True) as traces:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **hidden_states_only_kwargs(model))
         for name in module_names:
             keys = traces[name].input[:, skip_positions:].reshape(-1, traces[name].input.shape[-1]).float()
             moment = (keys.T @ keys).double()

@@ -24,7 +24,7 @@ import torch
 
 from rome.fact_tokens import expand_templates, fact_token_index
 from util.hooks import Trace, get_module
-from util.models import model_device
+from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids, target_ids
 
 LOG = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetV
     steps = torch.zeros(n, dtype=torch.long)
     last_loss = torch.zeros(n)
     stops_early = hparams.v_loss_layer < model.config.num_hidden_layers - 1
+    forward_kwargs = hidden_states_only_kwargs(model)
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
         nonlocal initial
@@ -152,7 +153,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetV
             loss_trace = stack.enter_context(
                 Trace(model, loss_module_name, retain_output=True, detach=False, stop=stops_early)
             )
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **forward_kwargs)
         hidden = loss_trace.output
         token_log_probs = log_probs_at(hidden, batch.token_rows, batch.token_positions)
         token_nll = -token_log_probs.gather(1, batch.token_ids.to(head_device)[:, None])[:, 0]

@@ -220,3 +220,15 @@ def load_model_and_tokenizer(
 def model_device(model: torch.nn.Module) -> torch.device:
     """Device of the input embeddings, where token ids must go."""
     return model.get_input_embeddings().weight.device
+
+
+def hidden_states_only_kwargs(model) -> dict:
+    """Forward arguments that skip work when only hooked hidden states are read: no KV cache, and
+    logits for one position instead of the whole sequence x vocabulary (where the model supports it)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    kwargs = {"use_cache": False} if "use_cache" in parameters else {}
+    if "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = 1
+    return kwargs

@@ -1,0 +1,98 @@
+"""End to end on the embedded model (SmolLM2-135M) with real CounterFact records."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import summarize
+from experiments import evaluate
+
+SHIPPED = Path(__file__).resolve().parent.parent / "hparams"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, data_dir):
+    """Results and statistics folders shared by this module's runs, hparams tuned only for test speed:
+    fewer statistics samples, and every request's target value in one loop (the same values as one
+    loop per request, see test_editing_math)."""
+    root = tmp_path_factory.mktemp("integration")
+    memit = json.loads((SHIPPED / "MEMIT" / "smollm2-135m.json").read_text())
+    memit.update(mom2_n_samples=400, z_requests_per_loop=10)
+    (root / "memit.json").write_text(json.dumps(memit))
+    rome = json.loads((SHIPPED / "ROME" / "smollm2-135m.json").read_text())
+    rome.update(mom2_n_samples=400)
+    (root / "rome.json").write_text(json.dumps(rome))
+    env = {"ECE_RESULTS_DIR": str(root / "results"), "ECE_STATS_DIR": str(root / "stats"),
+           "ECE_DATA_DIR": str(data_dir)}
+    return root, env
+
+
+@pytest.fixture
+def env(workspace, monkeypatch):
+    root, values = workspace
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return root
+
+
+def run(*argv):
+    return evaluate.main([*argv, "--model_name", "smollm2-135m", "--ds_name", "mcf", "--device", "cpu",
+                          "--skip_generation_tests"])
+
+
+def cases(run_dir):
+    return {p.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("*_edits-case_*.json"))}
+
+
+def test_memit_edits_ten_real_records(env):
+    run_dir = run("--alg_name", "MEMIT", "--hparams_fname", str(env / "memit.json"),
+                  "--dataset_size_limit", "10", "--num_edits", "10")
+    files = cases(run_dir)
+    assert len(files) == 10
+    assert all(c["grouped_case_ids"] == files[next(iter(files))]["grouped_case_ids"] for c in files.values())
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["hparams"]["mom2_n_samples"] == 400 and (run_dir / "hparams.json").exists()
+    (row,) = summarize.summarize("MEMIT", runs=[run_dir.name], results_dir=run_dir.parent.parent)
+    post, pre = row["stages"]["post"], row["stages"]["pre"]
+    assert post["efficacy"]["mean"] >= 90.0, post
+    assert pre["efficacy"]["mean"] <= 50.0  # the counterfactual targets were not believed before
+    assert post["generalization"]["mean"] > pre["generalization"]["mean"]
+
+
+def test_rome_flips_one_record(env):
+    run_dir = run("--alg_name", "ROME", "--hparams_fname", str(env / "rome.json"),
+                  "--dataset_size_limit", "1", "--num_edits", "1")
+    (case,) = cases(run_dir).values()
+    before, after = case["pre"]["rewrite_prompts_probs"][0], case["post"]["rewrite_prompts_probs"][0]
+    assert before["target_new"] > before["target_true"]
+    assert after["target_new"] < after["target_true"]
+
+
+def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch):
+    args = ["--alg_name", "MEMIT", "--sequential", "--hparams_fname", str(env / "memit.json"),
+            "--dataset_size_limit", "4", "--num_edits", "2"]
+    reference = cases(run(*args))
+    memit = evaluate.get_algorithm("MEMIT")
+    calls = {"n": 0}
+
+    def crash_in_second_round(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return memit.apply(*a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "get_algorithm", lambda name: dataclasses.replace(memit, apply=crash_in_second_round))
+        with pytest.raises(KeyboardInterrupt):
+            run(*args)
+    interrupted = sorted((env / "results" / "MEMIT").glob("run_*"))[-1]
+    assert len(cases(interrupted)) == 2  # the first round's cases are on disk, nothing else
+    resumed = cases(run(*args, "--continue_from_run", interrupted.name))
+    assert resumed.keys() == reference.keys()
+    for name, case in reference.items():
+        for stage in ("pre", "post", "final"):
+            for kind in ("rewrite_prompts_probs", "paraphrase_prompts_probs", "neighborhood_prompts_probs"):
+                for a, b in zip(case[stage][kind], resumed[name][stage][kind]):
+                    assert a["target_new"] == pytest.approx(b["target_new"], abs=1e-3)
+                    assert a["target_true"] == pytest.approx(b["target_true"], abs=1e-3)
