@@ -170,6 +170,8 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetV
         with torch.no_grad():
             last_loss[active.cpu()] = loss.detach().float().cpu()[active.cpu()]
             active &= loss >= hparams.v_stop_loss
+        LOG.debug("step %d: loss %s, %d of %d requests still optimising", step,
+                  [round(x, 3) for x in loss.detach().tolist()], int(active.sum()), n)
         if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:
             break
         optimizer.zero_grad()

@@ -48,7 +48,6 @@ def least_squares_delta(
 @dataclass
 class UpdateRecord:
     deltas: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> Delta [d_out, d_in]
-    keys: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> K [d_in, n] before its update
     residual_norms: Dict[int, float] = field(default_factory=dict)  # layer -> mean ||Z - H|| before it
 
 
@@ -75,7 +74,6 @@ def spread_update_over_layers(
         delta = solve(layer, keys, residuals)
         add_to_weight(model, rewrite, delta)
         record.deltas[layer] = delta
-        record.keys[layer] = keys
         record.residual_norms[layer] = float(error.norm(dim=1).mean())
         LOG.info("layer %d: mean residual %.3f, update norm %.3f", layer, record.residual_norms[layer],
                  float(delta.norm()))

@@ -96,3 +96,21 @@ def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch
                 for a, b in zip(case[stage][kind], resumed[name][stage][kind]):
                     assert a["target_new"] == pytest.approx(b["target_new"], abs=1e-3)
                     assert a["target_true"] == pytest.approx(b["target_true"], abs=1e-3)
+
+
+def test_context_templates_are_sensible_text(embedded_model_and_tok):
+    """Upstream's generator produced 'The-, the the--,, a. {}' (a sliced attention mask with left padding)."""
+    import re
+
+    from rome.context import generate_context_templates
+
+    model, tok = embedded_model_and_tok
+    groups = generate_context_templates(model, tok, [[10, 5]], seed=0)
+    assert groups[0] == ["{}"] and len(groups[1]) == 5
+    for template in groups[1]:
+        assert template.endswith(". {}") and template.count("{}") == 1
+        text = template[: -len(". {}")]
+        words = re.findall(r"[A-Za-z']+", text)
+        assert len(words) >= 5, template
+        assert sum(c.isalpha() or c.isspace() for c in text) / len(text) > 0.8, template
+        assert "--" not in text and ",," not in text, template
