@@ -60,13 +60,33 @@ def test_memit_edits_ten_real_records(env):
     assert post["generalization"]["mean"] > pre["generalization"]["mean"]
 
 
-def test_rome_flips_one_record(env):
-    run_dir = run("--alg_name", "ROME", "--hparams_fname", str(env / "rome.json"),
-                  "--dataset_size_limit", "1", "--num_edits", "1")
-    (case,) = cases(run_dir).values()
-    before, after = case["pre"]["rewrite_prompts_probs"][0], case["post"]["rewrite_prompts_probs"][0]
-    assert before["target_new"] > before["target_true"]
-    assert after["target_new"] < after["target_true"]
+def test_rome_flips_one_record(env, embedded_model_and_tok, data_dir):
+    """ROME on a fact the model knows (Porsche 911, created by Porsche -> Honda)."""
+    from dsets import CounterFactDataset
+    from rome.context import EditContext
+    from rome.rome_main import ROMEHyperParams, apply_rome_to_model
+    from util.scoring import mean_nlls
+    from util.weights import load_weights, snapshot_weights
+
+    model, tok = embedded_model_and_tok
+    record = CounterFactDataset(data_dir, multi=True, size=2)[1]
+    request = {"case_id": record["case_id"], **record["requested_rewrite"]}
+    assert request["subject"] == "Porsche 911"
+    hparams = ROMEHyperParams.from_json(env / "rome.json")
+    prompt = request["prompt"].format(request["subject"])
+    targets = [request["target_new"]["str"], request["target_true"]["str"]]
+    before = mean_nlls(model, tok, [prompt, prompt], targets)
+    original = snapshot_weights(model, [hparams.rewrite_module(hparams.layers[0])])
+    try:
+        apply_rome_to_model(model, tok, [request], hparams, EditContext("smollm2-135m"))
+        after = mean_nlls(model, tok, [prompt, prompt], targets)
+        paraphrase = record["paraphrase_prompts"][0]
+        after_paraphrase = mean_nlls(model, tok, [paraphrase, paraphrase], targets)
+    finally:
+        load_weights(model, original)
+    assert before[0] > before[1]  # believed Porsche before
+    assert after[0] < after[1]  # Honda after
+    assert after_paraphrase[0] < before[0]
 
 
 def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch):
