@@ -91,7 +91,7 @@ def test_rome_flips_one_record(env, embedded_model_and_tok, data_dir):
 
 def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch):
     args = ["--alg_name", "MEMIT", "--sequential", "--hparams_fname", str(env / "memit.json"),
-            "--dataset_size_limit", "4", "--num_edits", "2"]
+            "--dataset_size_limit", "2", "--num_edits", "1"]
     reference = cases(run(*args))
     memit = evaluate.get_algorithm("MEMIT")
     calls = {"n": 0}
@@ -107,7 +107,7 @@ def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch
         with pytest.raises(KeyboardInterrupt):
             run(*args)
     interrupted = sorted((env / "results" / "MEMIT").glob("run_*"))[-1]
-    assert len(cases(interrupted)) == 2  # the first round's cases are on disk, nothing else
+    assert len(cases(interrupted)) == 1  # the first round's cases are on disk, nothing else
     resumed = cases(run(*args, "--continue_from_run", interrupted.name))
     assert resumed.keys() == reference.keys()
     for name, case in reference.items():
