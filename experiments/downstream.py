@@ -437,6 +437,10 @@ def evaluate_downstream(model, tok, tasks: Optional[Iterable[Union[str, TaskSpec
     return {"tasks": results, "seconds": time.time() - start}
 
 
+def downstream_result_path(run_dir: Union[str, os.PathLike], edit_count: int) -> Path:
+    return Path(run_dir) / "glue_eval" / f"edits_{int(edit_count):06d}.json"
+
+
 def write_downstream_result(run_dir: Union[str, os.PathLike], edit_count: int, result: dict,
                             round_index: int) -> Path:
     """Write ``run_dir/glue_eval/edits_{edit_count:06d}.json`` atomically.
@@ -447,7 +451,7 @@ def write_downstream_result(run_dir: Union[str, os.PathLike], edit_count: int, r
     for name, values in result["tasks"].items():
         tasks[name] = {m: float(values[m]) for m in METRICS if m in values}
         details[name] = {k: values[k] for k in ("n", "predictions", "labels") if k in values}
-    path = Path(run_dir) / "glue_eval" / f"edits_{int(edit_count):06d}.json"
+    path = downstream_result_path(run_dir, edit_count)
     atomic_write_json(path, {
         "edit_count": int(edit_count),
         "round": round_index,

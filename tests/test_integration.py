@@ -134,3 +134,42 @@ def test_context_templates_are_sensible_text(embedded_model_and_tok):
         assert len(words) >= 5, template
         assert sum(c.isalpha() or c.isspace() for c in text) / len(text) > 0.8, template
         assert "--" not in text and ",," not in text, template
+
+
+def test_sequential_protocol_and_downstream_schedule(env, monkeypatch, embedded_model_and_tok):
+    """A stand-in edit (cheap, known effect) checks the driver's bookkeeping: pre on the unedited model,
+    post after each round, final after the last, downstream checks before round 1 and after each round."""
+    from util.weights import add_to_weight, read_weight
+
+    memit = evaluate.get_algorithm("MEMIT")
+    applied = []
+
+    def scale_down_layer(model, tok, requests, hparams, context, state):
+        name = hparams.rewrite_module(hparams.layers[0])
+        add_to_weight(model, name, -0.5 * read_weight(model, name))
+        applied.append([r["case_id"] for r in requests])
+        from rome.locate_edit import EditReport
+        return EditReport()
+
+    monkeypatch.setattr(evaluate, "get_algorithm", lambda name: dataclasses.replace(memit, apply=scale_down_layer))
+    run_dir = run("--alg_name", "MEMIT", "--sequential", "--hparams_fname", str(env / "memit.json"),
+                  "--dataset_size_limit", "2", "--num_edits", "1", "--downstream_eval_steps", "1",
+                  "--downstream_examples", "2")
+    assert len(applied) == 2
+    first, second = [c for _, c in sorted(cases(run_dir).items())]
+    nll = lambda case, stage: case[stage]["rewrite_prompts_probs"][0]["target_true"]
+    # The first case's post state (one edit) differs from the final state (two edits); the second
+    # case's pre was measured after round 1 but on the unedited weights.
+    assert nll(first, "post") != pytest.approx(nll(first, "final"), abs=1e-4)
+    assert nll(second, "post") == pytest.approx(nll(second, "final"), abs=1e-5)
+    assert nll(first, "pre") != pytest.approx(nll(first, "post"), abs=1e-4)
+    from util.scoring import mean_nlls
+
+    rewrite = second["requested_rewrite"]
+    (unedited,) = mean_nlls(*embedded_model_and_tok, [rewrite["prompt"].format(rewrite["subject"])],
+                            [rewrite["target_true"]["str"]])
+    assert nll(second, "pre") == pytest.approx(unedited, abs=1e-4)
+    glue = sorted(p.name for p in (run_dir / "glue_eval").glob("*.json"))
+    assert glue == ["edits_000000.json", "edits_000001.json", "edits_000002.json"]
+    counts = [json.loads((run_dir / "glue_eval" / g).read_text())["edit_count"] for g in glue]
+    assert counts == [0, 1, 2]
