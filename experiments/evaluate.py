@@ -104,11 +104,12 @@ class Evaluator:
 
     def __init__(self, ds_name: str, data_dir, skip_generation: bool, interval: int, batch_size: int):
         self.ds_name, self.skip_generation, self.interval, self.batch_size = ds_name, skip_generation, interval, batch_size
-        self.snips = self.vec = None
+        self.snips = self.vec = self.missing_reason = None
         if ds_name in ("mcf", "cf") and not skip_generation:
-            from dsets import load_consistency_resources
+            from dsets import consistency_unavailable_reason, load_consistency_resources
 
             self.snips, self.vec = load_consistency_resources(data_dir)
+            self.missing_reason = consistency_unavailable_reason(data_dir)
 
     def __call__(self, model, tok, record) -> dict:
         if self.ds_name == "zsre":
@@ -118,7 +119,9 @@ class Evaluator:
         from experiments.eval_counterfact import compute_rewrite_quality_counterfact
 
         skip = self.skip_generation or (record["case_id"] % self.interval != 0)
-        return compute_rewrite_quality_counterfact(model, tok, record, self.snips, self.vec, skip_generation=skip)
+        return compute_rewrite_quality_counterfact(model, tok, record, self.snips, self.vec, skip_generation=skip,
+                                                   consistency_unavailable=self.missing_reason,
+                                                   batch_size=self.batch_size)
 
 
 def parse_args(argv=None):

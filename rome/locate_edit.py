@@ -17,6 +17,7 @@ from rome.context import EditContext
 from rome.sequential import SequentialState
 from rome.target_values import TargetValues, compute_target_values
 from rome.update import Solver, UpdateRecord, least_squares_delta, spread_update_over_layers
+from util.weights import read_weight
 
 LOG = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def timed(seconds: Dict[str, float], stage: str):
 def second_moments_or_identity(model, tok, hparams, context: EditContext) -> Dict[int, torch.Tensor]:
     if hparams.mom2_adjustment:
         return context.second_moments(model, tok, hparams, hparams.layers)
-    from util.weights import read_weight
-
     return {l: torch.eye(read_weight(model, hparams.rewrite_module(l)).shape[1]) for l in hparams.layers}
 
 
