@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from dsets.data_files import data_dir_candidates
 from util.io import atomic_write_json
-from util import paths as ece_paths
-from util.paths import get_paths
 from util.scoring import continuation_scores
 
 LOG = logging.getLogger(__name__)
@@ -253,23 +252,6 @@ def task_metrics(spec: TaskSpec, predictions: Sequence[int], labels: Sequence[in
 
 class DownstreamDataNotFoundError(FileNotFoundError):
     """A task file that is in none of the data folders and could not be built."""
-
-
-def data_dir_candidates(data_dir: Optional[Union[str, os.PathLike]] = None) -> List[Tuple[Path, str]]:
-    """``(folder, origin)`` in search order, without duplicates: the ``data_dir`` argument, ``ECE_DATA_DIR``
-    (as :func:`util.paths.get_paths` resolves it) and ``DATA_DIR`` in ``globals.yml``."""
-    found: List[Tuple[Path, str]] = []
-    if data_dir not in (None, ""):
-        found.append((Path(data_dir).expanduser().resolve(), "data_dir argument"))
-    if os.environ.get("ECE_DATA_DIR"):
-        found.append((get_paths().data_dir.resolve(), "ECE_DATA_DIR"))
-    globals_dir = ece_paths._resolve(ece_paths._read_globals().get("DATA_DIR") or "data")
-    found.append((globals_dir.resolve(), "DATA_DIR in globals.yml"))
-    unique: List[Tuple[Path, str]] = []
-    for folder, origin in found:
-        if all(folder != seen for seen, _ in unique):
-            unique.append((folder, origin))
-    return unique
 
 
 def _is_online(timeout: float = NETWORK_TIMEOUT_S) -> bool:

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from dsets.data_files import data_dir_candidates
 from util.hooks import TraceDict
 from util.io import atomic_torch_save
 from util.models import hidden_states_only_kwargs, model_device
@@ -29,11 +30,6 @@ class CorpusNotFoundError(FileNotFoundError):
     pass
 
 
-def _data_dirs(data_dir: Optional[Path]) -> List[Path]:
-    candidates = [data_dir, os.environ.get("ECE_DATA_DIR"), get_paths().data_dir]
-    return [Path(c) for c in candidates if c]
-
-
 def load_corpus_text(name: str, data_dir: Optional[Path] = None) -> str:
     """Generic text for the statistics.
 
@@ -43,7 +39,7 @@ def load_corpus_text(name: str, data_dir: Optional[Path] = None) -> str:
     """
     if name == "wikitext":
         searched = []
-        for folder in _data_dirs(data_dir):
+        for folder, _ in data_dir_candidates(data_dir):
             files = sorted((folder / "wikitext").glob("*.raw"))
             searched.append(str(folder / "wikitext"))
             if files:

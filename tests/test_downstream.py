@@ -9,7 +9,6 @@ import math
 import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -211,7 +210,7 @@ def test_task_specs_on_real_data(data_dir):
 def test_missing_file_error_offline(tmp_path, monkeypatch):
     arg_dir, env_dir, globals_dir = tmp_path / "arg", tmp_path / "env", tmp_path / "globals"
     monkeypatch.setenv("ECE_DATA_DIR", str(env_dir))
-    monkeypatch.setattr(ds.ece_paths, "_read_globals", lambda: {"DATA_DIR": str(globals_dir)})
+    monkeypatch.setattr("util.paths._read_globals", lambda: {"DATA_DIR": str(globals_dir)})
     monkeypatch.setenv("ECE_OFFLINE", "1")
     start = time.time()
     with pytest.raises(DownstreamDataNotFoundError) as info:
@@ -219,7 +218,7 @@ def test_missing_file_error_offline(tmp_path, monkeypatch):
     assert time.time() - start < 5
     message = str(info.value)
     for part in ("glue/sst2.json", str(arg_dir / "glue"), str(env_dir / "glue"), str(globals_dir / "glue"),
-                 "data_dir argument", "ECE_DATA_DIR", "globals.yml", "offline", "glue/sst2", "Fix:", "datasets"):
+                 "--data_dir", "ECE_DATA_DIR", "globals.yml", "offline", "glue/sst2", "Fix:", "datasets"):
         assert part in message, part
     with pytest.raises(ValueError, match="unknown downstream task 'boolq'"):
         evaluate_downstream(None, None, tasks=["boolq"], data_dir=arg_dir)
@@ -230,7 +229,7 @@ def test_file_found_in_later_folder_and_built_when_online(tmp_path, monkeypatch)
     (env_dir / "glue").mkdir(parents=True)
     (env_dir / "glue" / "rte.json").write_text("[]")
     monkeypatch.setenv("ECE_DATA_DIR", str(env_dir))
-    monkeypatch.setattr(ds.ece_paths, "_read_globals", lambda: {"DATA_DIR": str(tmp_path / "globals")})
+    monkeypatch.setattr("util.paths._read_globals", lambda: {"DATA_DIR": str(tmp_path / "globals")})
     assert ds.task_file(DOWNSTREAM_TASKS["rte"], arg_dir) == env_dir.resolve() / "glue" / "rte.json"
 
     rows = [{"idx": i, "sentence1": f"a{i}", "sentence2": f"b{i}", "label": i % 2} for i in range(5)]

@@ -1,5 +1,4 @@
 """The shared editing machinery on tiny random models: statistics, target values, least squares."""
-import json
 
 import pytest
 import torch

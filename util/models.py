@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from util.paths import get_paths, safe_name
+from util.paths import get_paths
 
 LOG = logging.getLogger(__name__)
 
