@@ -23,7 +23,10 @@ class Algorithm:
 
 
 def _registry():
+    from functools import partial
+
     from baselines.ft import FTHyperParams, apply_ft_to_model
+    from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model
     from baselines.memit import MEMITHyperParams, apply_memit_to_model
     from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 
@@ -33,6 +36,8 @@ def _registry():
         Algorithm("MEMIT_seq", MEMITHyperParams, apply_memit_to_model, True, True, hparams_folder="MEMIT"),
         Algorithm("FT", FTHyperParams, apply_ft_to_model, False, False),
     ]
+    algorithms += [Algorithm(f"ECE_{method}", ECEHyperParams, partial(apply_ece_to_model, method=method), True, True)
+                   for method in SCORE_METHODS]
     return {a.name: a for a in algorithms}
 
 

@@ -91,6 +91,10 @@ def case_path(run_dir: Path, num_edits: int, case_id) -> Path:
     return run_dir / f"{num_edits}_edits-case_{case_id}.json"
 
 
+def explanation_path(run_dir: Path, round_index: int) -> Path:
+    return run_dir / f"explanation_round_{round_index:03d}.json"
+
+
 def new_run_dir(alg_dir: Path) -> Path:
     alg_dir.mkdir(parents=True, exist_ok=True)
     ids = [int(p.name.split("_")[-1]) for p in alg_dir.glob("run_*") if p.name.split("_")[-1].isdigit()]
@@ -241,6 +245,8 @@ def main(argv=None) -> Path:
         report = algorithm.apply(model, tok, round_requests, hparams, context, state)
         edit_seconds = time.perf_counter() - start
         LOG.info("round %d: %d edits in %.1fs %s", round_index, len(members), edit_seconds, report.seconds)
+        if report.explanation is not None:
+            atomic_write_json(explanation_path(run_dir, round_index), {"round": round_index, **report.explanation})
         post = [evaluate_case(model, tok, records[i]) for i in members]
         for i, path, pre_metrics, post_metrics in zip(members, paths, pre, post):
             atomic_write_json(path, {

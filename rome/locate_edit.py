@@ -31,6 +31,8 @@ class EditReport:
     target_steps: list = field(default_factory=list)
     residual_norms: Dict[int, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # A method's account of the round (ECE: neurons, clusters); written to its own file, not per case.
+    explanation: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "target_loops": self.target_loops, "target_steps": self.target_steps,

@@ -9,15 +9,20 @@ the fact token of every prompt of that request, and optimised with Adam to minim
 
 where the loss is read at ``v_loss_layer`` through the final norm and the output embedding, only at
 the positions that predict target tokens (not over the whole sequence and vocabulary). Each request
-stops when its own loss falls below ``v_stop_loss``; its delta is then frozen while the others go on.
-Requests never interact (separate rows, separate deltas; Adam is element-wise), so one loop over many
-requests gives the same values as one loop per request, only with fewer, larger forward passes.
+stops when its own loss falls below ``v_stop_loss``; its delta is then frozen and its rows leave the
+batch while the others go on. Requests never interact (separate rows, separate deltas; Adam is
+element-wise), so one loop over many requests gives the same values as one loop per request, only with
+fewer, larger forward passes.
+
+``shared_delta=True`` (ECE's ``z_mode: shared`` ablation) gives every loop one delta for all its
+requests: it minimises their mean loss, a member leaves when its loss is below the stopping loss, and
+its norm is clamped against the smallest ``||h_j||`` of the loop.
 """
 from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,18 +43,23 @@ class TargetValues:
     initial: torch.Tensor  # [n, d_model]: h, the unedited output at the fact token (bare prompt)
     steps: List[int] = field(default_factory=list)  # optimisation steps taken by each request
     losses: List[float] = field(default_factory=list)  # last loss of each request
-    loops: int = 0  # optimisation loops run (one per batch of requests)
+    loops: int = 0  # optimisation loops run
+    loop_of: List[int] = field(default_factory=list)  # which loop optimised each request
+    forward_rows: int = 0  # token rows pushed through the model, summed over all steps (work done)
 
 
 @dataclass
 class _Batch:
-    """Token rows of one loop: per request, one row per template and one KL row (request-major)."""
+    """Token rows of one loop: per request, one row per template and one KL row (request-major).
+
+    Every index refers to the request's position in the loop (``0..n-1``), so a sub-batch of the
+    requests still optimising (``select``) keeps addressing the same deltas.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    fact_rows: torch.Tensor  # row of every row (0..R-1), for the delta addition
-    fact_positions: torch.Tensor
-    row_request: torch.Tensor  # request index of every row
+    fact_positions: torch.Tensor  # per row
+    row_request: torch.Tensor  # request of every row
     first_rows: torch.Tensor  # for each request, its bare-prompt row (the first template)
     token_rows: torch.Tensor  # one entry per predicted target token
     token_positions: torch.Tensor
@@ -58,6 +68,27 @@ class _Batch:
     token_request: torch.Tensor
     kl_rows: torch.Tensor
     kl_positions: torch.Tensor
+    kl_request: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> "_Batch":
+        """The rows of the requests where ``keep`` (bool per request) is set, padding trimmed."""
+        keep = keep.to(self.row_request.device)
+        rows = keep[self.row_request].nonzero()[:, 0]
+        new_row = torch.full_like(self.row_request, -1)
+        new_row[rows] = torch.arange(len(rows), device=rows.device)
+        tokens = keep[self.token_request]
+        kls = keep[self.kl_request]
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(1).max())
+        return replace(
+            self, input_ids=self.input_ids[rows, :width], attention_mask=mask[:, :width],
+            fact_positions=self.fact_positions[rows], row_request=self.row_request[rows],
+            first_rows=new_row[self.first_rows],
+            token_rows=new_row[self.token_rows[tokens]], token_positions=self.token_positions[tokens],
+            token_ids=self.token_ids[tokens], token_weights=self.token_weights[tokens],
+            token_request=self.token_request[tokens],
+            kl_rows=new_row[self.kl_rows[kls]], kl_positions=self.kl_positions[kls], kl_request=self.kl_request[kls],
+        )
 
 
 def _build_batch(tok, requests, templates: Sequence[str], fact_token: str, device) -> _Batch:
@@ -88,57 +119,75 @@ def _build_batch(tok, requests, templates: Sequence[str], fact_token: str, devic
     ids, mask = pad_batch(tok, sequences, device=device, side="right")
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
     return _Batch(
-        input_ids=ids, attention_mask=mask,
-        fact_rows=torch.arange(len(sequences), device=device), fact_positions=as_long(fact_positions),
+        input_ids=ids, attention_mask=mask, fact_positions=as_long(fact_positions),
         row_request=as_long(row_request), first_rows=as_long(first_rows),
         token_rows=as_long(token_rows), token_positions=as_long(token_positions), token_ids=as_long(token_ids),
         token_weights=torch.tensor(token_weights, device=device), token_request=as_long(token_request),
-        kl_rows=as_long(kl_rows), kl_positions=as_long(kl_positions),
+        kl_rows=as_long(kl_rows), kl_positions=as_long(kl_positions), kl_request=as_long(range(len(requests))),
     )
 
 
 def compute_target_values(
-    model, tok, requests, hparams, template_groups, z_layer: int, requests_per_loop: Optional[int] = None
+    model, tok, requests, hparams, template_groups, z_layer: int, requests_per_loop: Optional[int] = None,
+    loops: Optional[Sequence[Sequence[int]]] = None, shared_delta: bool = False,
 ) -> TargetValues:
-    """Optimise the target value of every request; ``requests_per_loop`` requests share one loop
-    (``None``: all of them; ``1``: one loop per request, MEMIT's original schedule)."""
+    """Optimise the target value of every request.
+
+    Which requests share one loop: ``loops`` (lists of request indices, e.g. ECE's clusters), else
+    consecutive chunks of ``requests_per_loop`` (``None``: all of them; ``1``: one loop per request,
+    MEMIT's original schedule). Results are in the order of ``requests``.
+    """
+    requests = list(requests)
+    if loops is None:
+        size = requests_per_loop or max(len(requests), 1)
+        loops = list(chunks(list(range(len(requests))), size))
+    order = [i for loop in loops for i in loop]
+    if sorted(order) != list(range(len(requests))):
+        raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
-    size = requests_per_loop or max(len(requests), 1)
-    parts = [_optimise(model, tok, part, hparams, templates, z_layer) for part in chunks(list(requests), size)]
+    parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta)
+             for loop in loops]
+    position = torch.argsort(torch.tensor(order))  # back to request order
+    stacked = lambda name: torch.cat([getattr(p, name) for p in parts])[position.to(parts[0].targets.device)]
+    flat = lambda name: [x for p in parts for x in getattr(p, name)]
     return TargetValues(
-        targets=torch.cat([p.targets for p in parts]),
-        initial=torch.cat([p.initial for p in parts]),
-        steps=[s for p in parts for s in p.steps],
-        losses=[x for p in parts for x in p.losses],
-        loops=len(parts),
+        targets=stacked("targets"), initial=stacked("initial"),
+        steps=[flat("steps")[i] for i in position.tolist()], losses=[flat("losses")[i] for i in position.tolist()],
+        loops=len(parts), loop_of=[[k for k, loop in enumerate(loops) if i in loop][0] for i in range(len(requests))],
+        forward_rows=sum(p.forward_rows for p in parts),
     )
 
 
-def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetValues:
+def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_delta: bool = False) -> TargetValues:
     z_module = get_module(model, hparams.layer_module(z_layer))
     loss_module_name = hparams.layer_module(hparams.v_loss_layer)
     ln_f = get_module(model, hparams.ln_f_module)
     unembed = model.get_output_embeddings()
     head_device = unembed.weight.device
-    batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
+    full_batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
+    batch = full_batch
     n = len(requests)
     delta_device = next(z_module.parameters()).device
-    delta = torch.zeros((n, model.config.hidden_size), device=delta_device, requires_grad=True)
+    delta_of = torch.zeros(n, dtype=torch.long, device=delta_device) if shared_delta else torch.arange(n, device=delta_device)
+    delta = torch.zeros((1 if shared_delta else n, model.config.hidden_size), device=delta_device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     initial: Optional[torch.Tensor] = None
-    initial_kl: Optional[torch.Tensor] = None
+    initial_kl: Optional[torch.Tensor] = None  # [n, vocab], by request
     active = torch.ones(n, dtype=torch.bool, device=delta_device)
     steps = torch.zeros(n, dtype=torch.long)
     last_loss = torch.zeros(n)
+    forward_rows = 0
     stops_early = hparams.v_loss_layer < model.config.num_hidden_layers - 1
     forward_kwargs = hidden_states_only_kwargs(model)
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
         nonlocal initial
-        rows, positions = batch.fact_rows.to(hidden.device), batch.fact_positions.to(hidden.device)
+        positions = batch.fact_positions.to(hidden.device)
         if initial is None:
-            initial = hidden[batch.first_rows.to(hidden.device), positions[batch.first_rows]].detach().float()
-        addition = delta[batch.row_request.to(delta.device)].to(hidden.device, hidden.dtype)
+            first = batch.first_rows.to(hidden.device)
+            initial = hidden[first, positions[first]].detach().float()
+        addition = delta[delta_of[batch.row_request.to(delta_device)]].to(hidden.device, hidden.dtype)
+        rows = torch.arange(len(positions), device=hidden.device)
         return hidden.index_put((rows, positions), addition, accumulate=True)
 
     def log_probs_at(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -154,6 +203,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetV
                 Trace(model, loss_module_name, retain_output=True, detach=False, stop=stops_early)
             )
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **forward_kwargs)
+        forward_rows += len(batch.input_ids)
         hidden = loss_trace.output
         token_log_probs = log_probs_at(hidden, batch.token_rows, batch.token_positions)
         token_nll = -token_log_probs.gather(1, batch.token_ids.to(head_device)[:, None])[:, 0]
@@ -163,9 +213,12 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetV
         kl_log_probs = log_probs_at(hidden, batch.kl_rows, batch.kl_positions)
         if initial_kl is None:
             initial_kl = kl_log_probs.detach()
-        kl = (initial_kl.exp() * (initial_kl - kl_log_probs)).sum(-1)
+        reference = initial_kl[batch.kl_request.to(head_device)]
+        kl = torch.zeros(n, device=head_device).index_add(
+            0, batch.kl_request.to(head_device), (reference.exp() * (reference - kl_log_probs)).sum(-1)
+        )
         init_norm = initial.to(delta_device).norm(dim=1)
-        weight_decay = hparams.v_weight_decay * (delta.norm(dim=1) / init_norm**2)
+        weight_decay = hparams.v_weight_decay * (delta[delta_of].norm(dim=1) / init_norm**2)
         loss = nll.to(delta_device) + hparams.kl_factor * kl.to(delta_device) + weight_decay
         with torch.no_grad():
             last_loss[active.cpu()] = loss.detach().float().cpu()[active.cpu()]
@@ -175,17 +228,22 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int) -> TargetV
         if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:
             break
         optimizer.zero_grad()
-        (loss * active).sum().backward()
+        total = (loss * active).sum()
+        (total / active.sum() if shared_delta else total).backward()
         before = delta.detach().clone()
         optimizer.step()
         with torch.no_grad():
-            delta[~active] = before[~active]
-            max_norm = hparams.clamp_norm_factor * init_norm
+            if not shared_delta:
+                delta[~active] = before[~active]
+            max_norm = hparams.clamp_norm_factor * torch.full((len(delta),), float("inf"), device=delta_device).scatter_reduce(
+                0, delta_of, init_norm, reduce="amin")
             norms = delta.norm(dim=1)
             scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
             delta.mul_(scale[:, None])
         steps[active.cpu()] += 1
+        if not bool(active.all()):
+            batch = full_batch.select(active)
     LOG.debug("target values: %d requests, steps %s, losses %s", n, steps.tolist(), last_loss.tolist())
-    targets = (initial.to(delta_device) + delta.detach()).float()
+    targets = (initial.to(delta_device) + delta.detach()[delta_of]).float()
     return TargetValues(targets=targets, initial=initial.to(delta_device), steps=steps.tolist(),
-                        losses=last_loss.tolist(), loops=1)
+                        losses=last_loss.tolist(), loops=1, loop_of=[0] * n, forward_rows=forward_rows)

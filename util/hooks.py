@@ -9,6 +9,9 @@ One small mechanism used everywhere instead of model-specific forward code (MEMI
     with Trace(model, name, edit_output=lambda out: out + delta):
         model(**inputs)
 
+    with Trace(model, name, edit_input=lambda x: x * mask):   # rewrite what the module sees
+        model(**inputs)
+
 Decoder layers of transformers 5 return a tensor, older ones a tuple whose first element is the hidden
 state; both are handled. ``stop=True`` raises ``StopForward`` after the module ran, so a forward pass
 can end at the last layer that is needed; ``Trace`` swallows it.
@@ -60,7 +63,10 @@ def _finishing_last(model: torch.nn.Module, names: Sequence[str]) -> str:
 
 
 class Trace(contextlib.AbstractContextManager):
-    """Hook one module: keep its input and/or output, optionally rewrite its output."""
+    """Hook one module: keep its input and/or output, optionally rewrite its input or output.
+
+    ``retain_input`` keeps the input as the module received it (after ``edit_input``).
+    """
 
     def __init__(
         self,
@@ -71,10 +77,18 @@ class Trace(contextlib.AbstractContextManager):
         edit_output: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         detach: bool = True,
         stop: bool = False,
+        edit_input: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
         self.input: Optional[torch.Tensor] = None
         self.output: Optional[torch.Tensor] = None
         module = get_module(model, layer)
+        self._handles = []
+
+        def pre_hook(_module, inputs):
+            return (edit_input(inputs[0]),) + tuple(inputs[1:])
+
+        if edit_input is not None:
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
 
         def hook(_module, inputs, output):
             if retain_input:
@@ -90,10 +104,11 @@ class Trace(contextlib.AbstractContextManager):
                 raise StopForward()
             return output
 
-        self._handle = module.register_forward_hook(hook)
+        self._handles.append(module.register_forward_hook(hook))
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def __exit__(self, exc_type, exc, tb):
         self.close()

@@ -1,0 +1,86 @@
+"""Cluster: group the requests whose selected neuron sets overlap (DESIGN.md section 5, ECE step 2).
+
+The affinity of two requests is the Jaccard similarity of their selected neuron sets at the first
+edited layer; spectral clustering (scikit-learn, precomputed affinity) groups them. The number of
+clusters is fixed (``n_clusters``) or chosen by the largest eigengap of the normalised Laplacian, at
+most ``max_clusters``. Never more clusters than distinct neuron sets: one request, or requests with
+identical sets (always the case for ``WI``), make one cluster without calling scikit-learn.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger(__name__)
+
+
+def jaccard_similarity(neuron_sets: Sequence[torch.Tensor], width: Optional[int] = None) -> np.ndarray:
+    """``|A ∩ B| / |A ∪ B|`` for every pair of index sets (1 on the diagonal, and for two empty sets)."""
+    width = width or (max((int(s.max()) + 1 for s in neuron_sets if len(s)), default=1))
+    members = torch.zeros((len(neuron_sets), width), dtype=torch.float64)
+    for row, indices in enumerate(neuron_sets):
+        members[row, indices.long().cpu()] = 1.0
+    intersection = members @ members.T
+    sizes = members.sum(1)
+    union = sizes[:, None] + sizes[None, :] - intersection
+    similarity = torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+    return similarity.numpy()
+
+
+def eigengap_cluster_count(affinity: np.ndarray, max_clusters: int) -> int:
+    """The ``k <= max_clusters`` with the largest gap between eigenvalues ``k`` and ``k+1`` (1-based) of
+    the symmetric normalised Laplacian."""
+    n = len(affinity)
+    degree = affinity.sum(1)
+    inv_sqrt = 1.0 / np.sqrt(np.maximum(degree, 1e-12))
+    laplacian = np.eye(n) - inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
+    eigenvalues = np.sort(np.linalg.eigvalsh(laplacian))
+    upper = min(max_clusters, n - 1)
+    if upper < 1:
+        return 1
+    gaps = eigenvalues[1 : upper + 1] - eigenvalues[:upper]
+    return int(np.argmax(gaps)) + 1
+
+
+def cluster_requests(neuron_sets: Sequence[torch.Tensor], n_clusters: Optional[int], max_clusters: int,
+                     seed: int = 0, width: Optional[int] = None) -> np.ndarray:
+    """A cluster label (``0..k-1``) for each request."""
+    n = len(neuron_sets)
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    distinct = len({tuple(s.tolist()) for s in neuron_sets})
+    affinity = jaccard_similarity(neuron_sets, width)
+    wanted = n_clusters if n_clusters is not None else eigengap_cluster_count(affinity, max_clusters)
+    k = max(1, min(wanted, distinct, n))
+    if k == 1:
+        return np.zeros(n, dtype=int)
+    if k == n:
+        return np.arange(n)
+    from sklearn.cluster import SpectralClustering
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "graph is not fully connected": still a valid split
+        labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
+                                    assign_labels="cluster_qr").fit_predict(affinity)
+    return _relabel(labels)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Labels numbered by first appearance, so that cluster 0 holds the first request."""
+    mapping = {}
+    return np.array([mapping.setdefault(label, len(mapping)) for label in labels.tolist()], dtype=int)
+
+
+def optimisation_loops(labels: np.ndarray, z_batch_size: Optional[int]) -> List[List[int]]:
+    """Request indices of each target-value loop: one per cluster, split into chunks of at most
+    ``z_batch_size`` requests (bounding memory)."""
+    loops = []
+    for label in sorted(set(labels.tolist())):
+        members = [i for i, l in enumerate(labels.tolist()) if l == label]
+        size = z_batch_size or len(members)
+        loops += [members[i : i + size] for i in range(0, len(members), size)]
+    return loops

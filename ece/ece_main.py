@@ -1,0 +1,165 @@
+"""ECE (explain, cluster, batch-optimise, restricted update): one sequential editing round.
+
+1. Explain: score every neuron of every edited layer for every request (``ece.explain``); the round's
+   neuron set ``S(l)`` is the nucleus of the scores summed over the requests.
+2. Cluster: requests whose own neuron sets overlap are grouped (``ece.cluster``).
+3. Batch-optimise: one target-value loop per cluster (``rome.target_values``, shared with MEMIT).
+4. Update: MEMIT's layer loop (``rome.update``) with the solve restricted to the columns ``S(l)``:
+   ``Delta[:, S] = R K_S^T (lambda C0[S,S] + C_prev[S,S] + K_S K_S^T)^{-1}``, other columns untouched.
+   ``C_prev += K K^T`` over all neurons afterwards (``rome.sequential``).
+5. Optional refinement: re-run the layer loop for requests whose remaining error is in (alpha, upper_bound).
+
+With ``neuron_threshold = 1.0`` every neuron is selected, all requests fall in one cluster, and the
+round is exactly MEMIT_seq with one target loop for the round.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ece.cluster import cluster_requests, jaccard_similarity, optimisation_loops
+from ece.explain import SCORE_METHODS, neuron_scores, select_neurons
+from ece.hparams import ECEHyperParams
+from rome.context import EditContext
+from rome.fact_tokens import states_at_fact_tokens
+from rome.locate_edit import EditReport, second_moments_or_identity, timed
+from rome.sequential import SequentialState
+from rome.target_values import compute_target_values
+from rome.update import Solver, least_squares_delta, spread_update_over_layers
+
+LOG = logging.getLogger(__name__)
+
+TOP_NEURONS_PER_LAYER = 20
+TOP_NEURONS_PER_REQUEST = 10
+
+__all__ = ["SCORE_METHODS", "apply_ece_to_model", "restricted_solver"]
+
+
+def restricted_solver(hparams, second_moments, state: Optional[SequentialState],
+                      selected: Dict[int, torch.Tensor]) -> Solver:
+    """MEMIT's solve over the columns ``selected[layer]`` only; the full solve when all are selected."""
+    def solve(layer, keys, residuals):
+        columns = selected[layer]
+        prev = state.prev_moment(layer) if state is not None else None
+        c0 = second_moments[layer]
+        if len(columns) == keys.shape[0]:
+            return least_squares_delta(keys, residuals, c0, hparams.mom2_update_weight, prev)
+        sub = lambda m: m[columns.to(m.device)][:, columns.to(m.device)]
+        partial = least_squares_delta(keys[columns.to(keys.device)], residuals, sub(c0), hparams.mom2_update_weight,
+                                      sub(prev) if prev is not None else None)
+        delta = torch.zeros((residuals.shape[0], keys.shape[0]), dtype=partial.dtype, device=partial.device)
+        delta[:, columns.to(partial.device)] = partial
+        return delta
+
+    return solve
+
+
+def remaining_errors(model, tok, requests, hparams, targets: torch.Tensor) -> torch.Tensor:
+    """``||z_j - h_j||`` at the last edited layer on the bare prompt, on the model as it now stands."""
+    z_module = hparams.layer_module(hparams.layers[-1])
+    _, outputs = states_at_fact_tokens(model, tok, [r["prompt"] for r in requests], [r["subject"] for r in requests],
+                                       hparams.fact_token, outputs_of=[z_module])
+    current = outputs[z_module].float()
+    return (targets.to(current.device) - current).norm(dim=1).cpu()
+
+
+def apply_ece_to_model(
+    model, tok, requests, hparams: ECEHyperParams, context: EditContext,
+    state: Optional[SequentialState] = None, method: str = "WI",
+) -> EditReport:
+    """Edit ``model`` in place with ECE using neuron score ``method``; the report carries the explanation."""
+    report = EditReport()
+    layers = hparams.layers
+    threshold = hparams.neuron_threshold
+    with timed(report.seconds, "statistics"):
+        second_moments = second_moments_or_identity(model, tok, hparams, context)
+    with timed(report.seconds, "templates"):
+        groups = context.context_templates(model, tok, hparams.context_template_length_params)
+    with timed(report.seconds, "explain"):
+        scores = {l: s.cpu() for l, s in neuron_scores(model, tok, requests, hparams, groups, method).items()}
+        round_scores = {l: scores[l].sum(0) for l in layers}
+        selected = {l: select_neurons(round_scores[l], threshold) for l in layers}
+        own_sets = [select_neurons(row, threshold) for row in scores[layers[0]]]
+    with timed(report.seconds, "cluster"):
+        labels = cluster_requests(own_sets, hparams.n_clusters, hparams.max_clusters, seed=context.seed,
+                                  width=scores[layers[0]].shape[1])
+        loops = optimisation_loops(labels, hparams.z_batch_size)
+    LOG.info("ECE_%s: %d requests in %d clusters (%d loops); neurons selected per layer %s", method, len(requests),
+             int(labels.max()) + 1 if len(labels) else 0, len(loops), {l: len(s) for l, s in selected.items()})
+    with timed(report.seconds, "target_values"):
+        values = compute_target_values(model, tok, requests, hparams, groups, z_layer=layers[-1], loops=loops,
+                                       shared_delta=hparams.z_mode == "shared")
+    with timed(report.seconds, "update"):
+        solve = restricted_solver(hparams, second_moments, state, selected)
+        record = spread_update_over_layers(model, tok, requests, hparams, values.targets, groups, solve)
+        errors = remaining_errors(model, tok, requests, hparams, values.targets)
+        refinements = []
+        for iteration in range(2, hparams.max_iterations + 1):
+            upper = hparams.upper_bound if hparams.upper_bound is not None else float("inf")
+            chosen = [i for i, e in enumerate(errors.tolist()) if hparams.alpha < e < upper]
+            if not chosen:
+                break
+            spread_update_over_layers(model, tok, [requests[i] for i in chosen], hparams, values.targets[chosen],
+                                      groups, solve)
+            errors = remaining_errors(model, tok, requests, hparams, values.targets)
+            refinements.append({"iteration": iteration, "case_ids": [requests[i].get("case_id") for i in chosen]})
+        if state is not None:
+            state.absorb_round(model, tok, requests, hparams, groups)
+    report.target_loops, report.target_steps = values.loops, values.steps
+    report.residual_norms = record.residual_norms
+    report.extra = {"neuron_score": method, "n_clusters": int(labels.max()) + 1,
+                    "selected_neurons": {str(l): len(s) for l, s in selected.items()},
+                    "target_forward_rows": values.forward_rows}
+    report.explanation = _explanation(method, hparams, requests, scores, round_scores, selected, own_sets, labels,
+                                      loops, values, errors, refinements, report.seconds)
+    return report
+
+
+def _top(scores: torch.Tensor, count: int) -> List[int]:
+    return torch.topk(scores, min(count, len(scores))).indices.tolist()
+
+
+def _explanation(method, hparams, requests, scores, round_scores, selected, own_sets, labels: np.ndarray, loops,
+                 values, errors, refinements, seconds) -> dict:
+    """The round's explanation: which neurons were edited, and which facts were optimised together."""
+    layers = {}
+    for l in hparams.layers:
+        mass = round_scores[l]
+        total = float(mass.sum()) or 1.0
+        layers[str(l)] = {
+            "n_neurons": len(mass), "n_selected": len(selected[l]), "selected_neurons": selected[l].tolist(),
+            "mass_share": float(mass[selected[l]].sum()) / total,
+            "top_neurons": [{"neuron": i, "share": float(mass[i]) / total} for i in _top(mass, TOP_NEURONS_PER_LAYER)],
+        }
+    similarity = jaccard_similarity(own_sets, width=len(round_scores[hparams.layers[0]]))
+    clusters = []
+    for label in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == label)
+        block = similarity[np.ix_(members, members)]
+        pairs = len(members) * (len(members) - 1)
+        clusters.append({
+            "cluster": int(label), "size": len(members),
+            "case_ids": [requests[i].get("case_id") for i in members],
+            "mean_jaccard": float((block.sum() - len(members)) / pairs) if pairs else 1.0,
+            "loops": sum(1 for loop in loops if loop[0] in members),
+        })
+    per_request = []
+    for j, request in enumerate(requests):
+        per_request.append({
+            "case_id": request.get("case_id"), "subject": request["subject"],
+            "prompt": request["prompt"], "target_new": request["target_new"]["str"],
+            "cluster": int(labels[j]), "loop": values.loop_of[j],
+            "n_own_neurons_first_layer": len(own_sets[j]),
+            "top_neurons": {str(l): _top(scores[l][j], TOP_NEURONS_PER_REQUEST) for l in hparams.layers},
+            "target_steps": values.steps[j], "target_loss": values.losses[j],
+            "remaining_error": float(errors[j]),
+        })
+    return {
+        "method": f"ECE_{method}", "neuron_threshold": hparams.neuron_threshold, "z_mode": hparams.z_mode,
+        "n_requests": len(requests), "n_clusters": len(clusters), "n_loops": len(loops),
+        "seconds": seconds, "layers": layers, "clusters": clusters, "requests": per_request,
+        "refinement": refinements,
+    }

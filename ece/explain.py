@@ -1,0 +1,138 @@
+"""Explain: which neurons of each edited layer hold a fact (DESIGN.md section 5, ECE step 1).
+
+A neuron is an input dimension of the rewrite module (the MLP down-projection), i.e. one column of
+``W : d_ff -> d_model``. Four scores, each ``[n_requests, d_ff]`` per layer:
+
+- ``AS`` activation: ``|k_jn|``, the key (rewrite-module input at the fact token, template-averaged);
+- ``WI`` weight importance: ``||W[:, n]||_1``, the same for every request;
+- ``RS`` relevance: ``|k_jn| * ||W[:, n]||_1``, how much the neuron writes into the residual stream;
+- ``GA`` gradient attribution: ``|k_jn * d log p(target_true) / d k_jn|`` at the fact token, averaged
+  over the templates, or integrated gradients from a zero activation with ``ig_steps`` steps.
+
+``select_neurons`` keeps the smallest top set holding ``neuron_threshold`` of the score mass.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+from rome.fact_tokens import average_over_templates, compute_keys, fact_token_index, request_templates
+from util.hooks import Trace, TraceDict
+from util.models import model_device
+from util.tokens import chunks, prompt_target_batch
+from util.weights import read_weight
+
+SCORE_METHODS = ("AS", "WI", "RS", "GA")
+
+
+def select_neurons(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices (ascending) of the fewest highest-scoring neurons whose score reaches ``threshold`` of the
+    total (nucleus selection). ``threshold >= 1`` keeps every neuron, zeros included."""
+    scores = scores.detach().float().flatten()
+    if threshold >= 1.0 or float(scores.sum()) <= 0:
+        return torch.arange(len(scores))
+    ordered, order = torch.sort(scores, descending=True)
+    cumulative = torch.cumsum(ordered, 0)
+    count = int(torch.searchsorted(cumulative, threshold * cumulative[-1]).item()) + 1
+    return torch.sort(order[: min(count, len(scores))].cpu()).values
+
+
+def column_l1_norms(model, hparams, layer: int) -> torch.Tensor:
+    """``||W[:, n]||_1`` for every input neuron ``n`` of the layer's rewrite module."""
+    return read_weight(model, hparams.rewrite_module(layer)).float().abs().sum(0)
+
+
+def neuron_scores(model, tok, requests, hparams, template_groups, method: str,
+                  layers: Sequence[int] = ()) -> Dict[int, torch.Tensor]:
+    """``{layer: [n_requests, d_ff]}`` non-negative scores of ``method`` (one of ``SCORE_METHODS``)."""
+    if method not in SCORE_METHODS:
+        raise ValueError(f"unknown neuron score {method!r}; use one of {SCORE_METHODS}")
+    layers = list(layers or hparams.layers)
+    if method == "GA":
+        return gradient_attribution(model, tok, requests, hparams, template_groups, layers, hparams.ig_steps)
+    if method == "WI":
+        return {l: column_l1_norms(model, hparams, l).expand(len(requests), -1).clone() for l in layers}
+    keys = compute_keys(model, tok, requests, hparams, layers, template_groups)
+    if method == "AS":
+        return {l: keys[l].float().abs() for l in layers}
+    return {l: keys[l].float().abs() * column_l1_norms(model, hparams, l).to(keys[l].device) for l in layers}
+
+
+def _target_log_probs(logits: torch.Tensor, positions, wanted) -> torch.Tensor:
+    """Summed log-probability of each row's target tokens: ``[rows]``."""
+    rows = torch.tensor([r for r, p in enumerate(positions) for _ in p], device=logits.device)
+    index = torch.tensor([i for p in positions for i in p], device=logits.device)
+    tokens = torch.tensor([t for w in wanted for t in w], device=logits.device)
+    log_probs = torch.log_softmax(logits[rows, index].float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    return torch.zeros(len(positions), device=logits.device).index_add(0, rows, log_probs)
+
+
+def _input_embedding_name(model) -> str:
+    embedding = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embedding)
+
+
+def gradient_attribution(model, tok, requests, hparams, template_groups, layers: Sequence[int],
+                         ig_steps: int = 0, batch_size: int = 16) -> Dict[int, torch.Tensor]:
+    """``|k * d log p(target_true)/dk|`` at the fact token for every edited layer, template-averaged.
+
+    With ``ig_steps = 0`` one forward and backward per batch gives all layers at once (the embedding
+    output is made to require grad, so each layer's gradient includes every path to the output).
+    With ``ig_steps > 0`` each layer's fact-token activation is scaled by ``s / ig_steps`` and the
+    gradients at those points are averaged (integrated gradients from a zero activation).
+    """
+    templates, subjects = request_templates(requests, template_groups)
+    per_request = len(templates) // max(len(requests), 1)
+    truths = [r["target_true"]["str"] for r in requests for _ in range(per_request)]
+    names = {l: hparams.rewrite_module(l) for l in layers}
+    device = model_device(model)
+    rows_out: Dict[int, list] = {l: [] for l in layers}
+    for batch in chunks(list(range(len(templates))), batch_size):
+        prompts = [templates[i].format(subjects[i]) for i in batch]
+        ids, mask, positions, wanted = prompt_target_batch(
+            tok, prompts, [truths[i] for i in batch], device=device, drop_last_target_token=True)
+        fact = torch.tensor([fact_token_index(tok, templates[i], subjects[i], hparams.fact_token) for i in batch])
+        row = torch.arange(len(batch))
+        if ig_steps == 0:
+            with torch.enable_grad():
+                with Trace(model, _input_embedding_name(model), retain_output=False,
+                           edit_output=lambda out: out.requires_grad_(True)), \
+                        TraceDict(model, names.values(), retain_input=True, retain_output=False, detach=False) as traces:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                inputs = [traces[names[l]].input for l in layers]
+                grads = torch.autograd.grad(_target_log_probs(logits, positions, wanted).sum(), inputs)
+            for l, k, g in zip(layers, inputs, grads):
+                at = (row.to(k.device), fact.to(k.device))
+                rows_out[l].append((k[at].detach() * g[at]).abs().float())
+            continue
+        for l in layers:
+            rows_out[l].append(_integrated_gradients(model, names[l], ids, mask, positions, wanted, fact, ig_steps))
+    return {l: average_over_templates(torch.cat(rows_out[l]), template_groups) for l in layers}
+
+
+def _integrated_gradients(model, module_name, ids, mask, positions, wanted, fact, steps: int) -> torch.Tensor:
+    """``|k * mean_s dF/dx (at x = k * s / steps)|`` at the fact token of each row, for one module."""
+    row = torch.arange(len(ids))
+    total, key = None, None
+    for s in range(1, steps + 1):
+        scale = s / steps
+        seen = {}
+
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            x = x.detach().clone()
+            at = (row.to(x.device), fact.to(x.device))
+            x[at] = x[at] * scale
+            seen["x"] = x.requires_grad_(True)
+            return seen["x"]
+
+        with torch.enable_grad():
+            with Trace(model, module_name, retain_output=False, edit_input=scaled):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            (grad,) = torch.autograd.grad(_target_log_probs(logits, positions, wanted).sum(), [seen["x"]])
+        at = (row.to(grad.device), fact.to(grad.device))
+        step_grad = grad[at].float()
+        total = step_grad if total is None else total + step_grad
+        if s == steps:
+            key = seen["x"][at].detach().float()
+    return (key * total / steps).abs()

@@ -1,0 +1,231 @@
+"""ECE on tiny random models: neuron selection, clustering, batched target loops, restricted update."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from baselines.memit import MEMITHyperParams, apply_memit_to_model
+from ece import ECEHyperParams, apply_ece_to_model
+from ece.cluster import cluster_requests, eigengap_cluster_count, jaccard_similarity, optimisation_loops
+from ece.explain import column_l1_norms, neuron_scores, select_neurons
+from rome.context import EditContext
+from rome.fact_tokens import compute_keys
+from rome.sequential import SequentialState
+from rome.target_values import compute_target_values
+from util.hparams import HParamsError
+from util.weights import read_weight
+
+from tests.test_editing_math import ARCH, REQUESTS, TEMPLATES, make_hparams, stats_dir  # noqa: F401
+
+MORE_REQUESTS = REQUESTS + [
+    {"case_id": 3, "prompt": "{} works in the field of", "subject": "Marie Curie",
+     "target_new": {"str": "music"}, "target_true": {"str": "physics"}},
+]
+
+
+def ece_hparams(arch, **overrides):
+    values = dict(neuron_threshold=0.8, n_clusters=None, max_clusters=4, z_mode="per_request")
+    values.update(overrides)
+    return make_hparams(arch, cls=ECEHyperParams, **values)
+
+
+def fixed_context(templates=TEMPLATES, seed=0):
+    context = EditContext("tiny", seed=seed)
+    context.context_templates = lambda *a, **k: templates
+    return context
+
+
+# -- nucleus selection ------------------------------------------------------------------------------
+
+def test_select_neurons_keeps_the_smallest_top_set_reaching_the_threshold():
+    scores = torch.tensor([1.0, 5.0, 0.0, 3.0, 1.0])  # total 10; sorted 5, 3, 1, 1, 0
+    assert select_neurons(scores, 0.5).tolist() == [1]
+    assert select_neurons(scores, 0.8).tolist() == [1, 3]  # 5 + 3 = 8 reaches 80%
+    assert len(select_neurons(scores, 0.81)) == 3
+    assert select_neurons(scores, 1.0).tolist() == [0, 1, 2, 3, 4]  # 1.0 keeps all, the zero too
+    assert select_neurons(torch.zeros(3), 0.5).tolist() == [0, 1, 2]  # no mass: nothing to prefer
+
+
+# -- clustering -----------------------------------------------------------------------------------
+
+def test_jaccard_similarity_values():
+    sets = [torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]), torch.tensor([7])]
+    sim = jaccard_similarity(sets, width=8)
+    assert sim[0, 1] == pytest.approx(2 / 4) and sim[0, 2] == 0 and np.allclose(np.diag(sim), 1)
+
+
+def test_clustering_separates_clearly_separated_neuron_sets():
+    rng = np.random.default_rng(0)
+    group_a, group_b = np.arange(0, 40), np.arange(60, 100)
+    sets = [torch.tensor(sorted(rng.choice(g, 30, replace=False))) for g in (group_a, group_b) * 4]
+    truth = np.array([0, 1] * 4)
+    labels = cluster_requests(sets, n_clusters=None, max_clusters=5, seed=0, width=100)
+    assert len(set(labels)) == 2
+    assert all((labels == labels[0]) == (truth == truth[0]))  # the same partition as the truth
+    fixed = cluster_requests(sets, n_clusters=2, max_clusters=5, seed=0, width=100)
+    assert (fixed == labels).all()
+    assert eigengap_cluster_count(jaccard_similarity(sets, 100), max_clusters=5) == 2
+
+
+def test_clustering_degenerate_cases():
+    one = cluster_requests([torch.tensor([1, 2])], n_clusters=3, max_clusters=3)
+    assert one.tolist() == [0]
+    same = cluster_requests([torch.tensor([1, 2, 3])] * 5, n_clusters=None, max_clusters=4)
+    assert same.tolist() == [0] * 5
+    same_fixed = cluster_requests([torch.tensor([1, 2, 3])] * 5, n_clusters=3, max_clusters=4)
+    assert same_fixed.tolist() == [0] * 5  # no more clusters than distinct sets
+    few = cluster_requests([torch.tensor([1]), torch.tensor([5]), torch.tensor([9])], n_clusters=10, max_clusters=4)
+    assert sorted(few.tolist()) == [0, 1, 2]  # more clusters asked than requests: one each
+    assert cluster_requests([], n_clusters=None, max_clusters=3).tolist() == []
+
+
+def test_optimisation_loops_split_large_clusters():
+    labels = np.array([0, 1, 0, 0, 1, 0, 0])
+    assert optimisation_loops(labels, None) == [[0, 2, 3, 5, 6], [1, 4]]
+    assert optimisation_loops(labels, 2) == [[0, 2], [3, 5], [6], [1, 4]]
+
+
+# -- explain --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_neuron_scores_shapes_and_definitions(arch, request, tiny_tok):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = ece_hparams(arch)
+    d_ff = read_weight(model, hp.rewrite_module(1)).shape[1]
+    raw = model.get_submodule(hp.rewrite_module(1)).weight
+    # WI is the L1 norm of each input neuron's column of W : d_ff -> d_model, whatever the storage.
+    expected_wi = raw.abs().sum(1) if arch == "gpt2" else raw.abs().sum(0)
+    assert torch.allclose(column_l1_norms(model, hp, 1), expected_wi)
+    scores = {m: neuron_scores(model, tiny_tok, REQUESTS, hp, TEMPLATES, m) for m in ("AS", "WI", "RS", "GA")}
+    keys = compute_keys(model, tiny_tok, REQUESTS, hp, hp.layers, TEMPLATES)
+    for layer in hp.layers:
+        for m in scores:
+            assert scores[m][layer].shape == (len(REQUESTS), d_ff) and (scores[m][layer] >= 0).all()
+        assert torch.allclose(scores["AS"][layer], keys[layer].abs())
+        assert torch.allclose(scores["RS"][layer], scores["AS"][layer] * scores["WI"][layer])
+        assert (scores["WI"][layer] == scores["WI"][layer][0]).all()
+        assert scores["GA"][layer].sum() > 0
+
+
+def test_gradient_attribution_all_layers_at_once_equals_one_layer_at_a_time(tiny_llama, tiny_tok):
+    """The one-backward path (embedding made to require grad) and the per-layer path (ig_steps=1: the
+    layer's input made a leaf) must give the same gradient x activation, paths through later layers
+    included."""
+    together = neuron_scores(tiny_llama, tiny_tok, REQUESTS, ece_hparams("llama", ig_steps=0), TEMPLATES, "GA")
+    per_layer = neuron_scores(tiny_llama, tiny_tok, REQUESTS, ece_hparams("llama", ig_steps=1), TEMPLATES, "GA")
+    for layer in together:
+        assert torch.allclose(together[layer], per_layer[layer], rtol=1e-4, atol=1e-7)
+    integrated = neuron_scores(tiny_llama, tiny_tok, REQUESTS, ece_hparams("llama", ig_steps=4), TEMPLATES, "GA")
+    assert not torch.allclose(integrated[1], together[1])  # a different attribution, same shape
+    assert integrated[1].shape == together[1].shape
+
+
+# -- batched target values ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cluster_loops_give_the_same_target_values_as_one_loop_per_request(arch, request, tiny_tok):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = ece_hparams(arch, v_num_grad_steps=8, v_stop_loss=1e-9)
+    alone = compute_target_values(model, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, requests_per_loop=1)
+    clustered = compute_target_values(model, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, loops=[[3, 0], [2, 1]])
+    assert clustered.loops == 2 and clustered.loop_of == [0, 1, 1, 0]
+    # Same seed-free optimisation, different batch composition: equal up to float32 summation order.
+    assert torch.allclose(clustered.targets, alone.targets, rtol=1e-4, atol=1e-5)
+    assert clustered.steps == alone.steps
+    with pytest.raises(ValueError, match="exactly once"):
+        compute_target_values(model, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, loops=[[0, 1], [1, 2]])
+
+
+def test_stopped_requests_leave_the_batch(tiny_llama, tiny_tok):
+    hp = ece_hparams("llama", v_num_grad_steps=10, v_stop_loss=1e-9)
+    everyone = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2)
+    rows_per_request = sum(len(g) for g in TEMPLATES) + 1
+    assert everyone.forward_rows == 10 * rows_per_request * len(MORE_REQUESTS)
+    # A stopping loss between the requests' first losses stops half at once; the rest run on alone.
+    first = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, ece_hparams("llama", v_num_grad_steps=1),
+                                  TEMPLATES, z_layer=2).losses
+    threshold = float(np.median(first))
+    hp_stop = ece_hparams("llama", v_num_grad_steps=10, v_stop_loss=threshold)
+    some = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp_stop, TEMPLATES, z_layer=2)
+    alone = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp_stop, TEMPLATES, z_layer=2, requests_per_loop=1)
+    assert len(set(some.steps)) > 1
+    assert some.forward_rows == alone.forward_rows < everyone.forward_rows
+    assert torch.allclose(some.targets, alone.targets, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_delta_mode_gives_one_delta_per_loop(tiny_llama, tiny_tok):
+    hp = ece_hparams("llama", v_num_grad_steps=5, v_stop_loss=1e-9)
+    shared = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2,
+                                   loops=[[0, 1], [2, 3]], shared_delta=True)
+    deltas = shared.targets - shared.initial
+    assert torch.allclose(deltas[0], deltas[1]) and torch.allclose(deltas[2], deltas[3])
+    assert not torch.allclose(deltas[0], deltas[2])
+    assert deltas.norm(dim=1).min() > 0
+    # The clamp holds against the smallest ||h|| of the loop.
+    for loop in ([0, 1], [2, 3]):
+        limit = hp.clamp_norm_factor * shared.initial[loop].norm(dim=1).min()
+        assert deltas[loop[0]].norm() <= limit * (1 + 1e-5)
+
+
+# -- the round ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_columns_outside_the_selection_are_unchanged(arch, request, tiny_tok, stats_dir):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = ece_hparams(arch, neuron_threshold=0.5)
+    before = {l: read_weight(model, hp.rewrite_module(l)).clone() for l in hp.layers}
+    state = SequentialState()
+    report = apply_ece_to_model(model, tiny_tok, MORE_REQUESTS, hp, fixed_context(), state, method="AS")
+    explanation = report.explanation
+    for l in hp.layers:
+        change = (read_weight(model, hp.rewrite_module(l)) - before[l]).abs().sum(0)
+        chosen = torch.tensor(explanation["layers"][str(l)]["selected_neurons"])
+        outside = torch.ones(len(change), dtype=torch.bool)
+        outside[chosen] = False
+        assert 0 < len(chosen) < len(change)
+        assert (change[outside] == 0).all() and (change[chosen] > 0).all()
+    # C_prev absorbs the keys of every neuron, not only the selected ones.
+    assert (state.prev_moment(hp.layers[0]).diagonal() > 0).all()
+    assert {r["case_id"] for r in explanation["requests"]} == {0, 1, 2, 3}
+    assert sum(c["size"] for c in explanation["clusters"]) == 4
+    assert set(report.seconds) >= {"explain", "cluster", "target_values", "update"}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_threshold_one_is_sequential_memit(arch, request, tiny_tok, stats_dir):
+    """neuron_threshold = 1.0 selects every neuron, so two ECE rounds equal two MEMIT_seq rounds with one
+    target loop per round: same weights and same C_prev, bit for bit."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    twin = copy.deepcopy(model)
+    original = read_weight(model, "transformer.h.1.mlp.c_proj" if arch == "gpt2" else "model.layers.1.mlp.down_proj").clone()
+    ece_hp = ece_hparams(arch, neuron_threshold=1.0, v_num_grad_steps=6)
+    memit_hp = make_hparams(arch, v_num_grad_steps=6, z_requests_per_loop=len(REQUESTS))
+    ece_state, memit_state = SequentialState(), SequentialState()
+    for round_requests in (REQUESTS, MORE_REQUESTS[3:]):
+        report = apply_ece_to_model(model, tiny_tok, round_requests, ece_hp, fixed_context(), ece_state, method="GA")
+        apply_memit_to_model(twin, tiny_tok, round_requests, memit_hp, fixed_context(), memit_state)
+        assert report.explanation["n_clusters"] == 1
+    for l in ece_hp.layers:
+        assert torch.equal(read_weight(model, ece_hp.rewrite_module(l)), read_weight(twin, ece_hp.rewrite_module(l)))
+        assert torch.equal(ece_state.prev_moment(l), memit_state.prev_moment(l))
+    assert not torch.equal(read_weight(model, ece_hp.rewrite_module(1)), original)
+
+
+def test_refinement_reruns_only_requests_in_the_error_band(tiny_llama, tiny_tok, stats_dir):
+    hp = ece_hparams("llama", max_iterations=3, alpha=0.0, upper_bound=1e9, mom2_update_weight=50.0)
+    report = apply_ece_to_model(tiny_llama, tiny_tok, REQUESTS, hp, fixed_context(), None, method="WI")
+    passes = report.explanation["refinement"]
+    assert len(passes) == 2 and all(set(p["case_ids"]) == {0, 1, 2} for p in passes)
+    none = ece_hparams("llama", max_iterations=3, alpha=1e8, upper_bound=1e9)
+    report = apply_ece_to_model(tiny_llama, tiny_tok, REQUESTS, none, fixed_context(), None, method="WI")
+    assert report.explanation["refinement"] == []
+
+
+def test_hparams_errors_name_the_key():
+    with pytest.raises(HParamsError, match="z_mode"):
+        ece_hparams("llama", z_mode="together")
+    with pytest.raises(HParamsError, match="neuron_threshold"):
+        ece_hparams("llama", neuron_threshold=0.0)
+    with pytest.raises(HParamsError, match="upper_bound"):
+        ece_hparams("llama", alpha=2.0, upper_bound=1.0)
