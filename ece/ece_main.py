@@ -91,7 +91,7 @@ def apply_ece_to_model(
              int(labels.max()) + 1 if len(labels) else 0, len(loops), {l: len(s) for l, s in selected.items()})
     with timed(report.seconds, "target_values"):
         values = compute_target_values(model, tok, requests, hparams, groups, z_layer=layers[-1], loops=loops,
-                                       shared_delta=hparams.z_mode == "shared")
+                                       shared_delta=hparams.z_mode == "shared", prefix_cache=hparams.z_prefix_cache)
     with timed(report.seconds, "update"):
         solve = restricted_solver(hparams, second_moments, state, selected)
         record = spread_update_over_layers(model, tok, requests, hparams, values.targets, groups, solve)
@@ -109,10 +109,10 @@ def apply_ece_to_model(
         if state is not None:
             state.absorb_round(model, tok, requests, hparams, groups)
     report.target_loops, report.target_steps = values.loops, values.steps
+    report.target_forward_tokens = values.forward_tokens
     report.residual_norms = record.residual_norms
     report.extra = {"neuron_score": method, "n_clusters": int(labels.max()) + 1,
-                    "selected_neurons": {str(l): len(s) for l, s in selected.items()},
-                    "target_forward_rows": values.forward_rows}
+                    "selected_neurons": {str(l): len(s) for l, s in selected.items()}}
     report.explanation = _explanation(method, hparams, requests, scores, round_scores, selected, own_sets, labels,
                                       loops, values, errors, refinements, report.seconds)
     return report

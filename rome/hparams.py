@@ -34,6 +34,9 @@ class LocateEditHyperParams(HyperParams):
     # Stopping rule of the target-value loop and the context templates ([[length, count], ...]).
     v_stop_loss: float = 5e-2
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
+    # Speed only, same values: compute the tokens before each fact token once per target loop
+    # instead of at every optimisation step (false: the published implementations' cost).
+    z_prefix_cache: bool = True
     # Accepted for compatibility with MEMIT's files; the model's output-embedding module is used.
     layer_selection: Optional[str] = None
     lm_head_module: Optional[str] = None

@@ -29,6 +29,7 @@ class EditReport:
     seconds: Dict[str, float] = field(default_factory=dict)
     target_loops: int = 0
     target_steps: list = field(default_factory=list)
+    target_forward_tokens: int = 0  # tokens computed with gradients in the target loops (work done)
     residual_norms: Dict[int, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     # A method's account of the round (ECE: neurons, clusters); written to its own file, not per case.
@@ -36,6 +37,7 @@ class EditReport:
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "target_loops": self.target_loops, "target_steps": self.target_steps,
+                "target_forward_tokens": self.target_forward_tokens,
                 "residual_norms": {str(k): v for k, v in self.residual_norms.items()}, **self.extra}
 
 
@@ -80,7 +82,8 @@ def locate_and_edit(
         groups = context.context_templates(model, tok, hparams.context_template_length_params)
     with timed(report.seconds, "target_values"):
         values: TargetValues = compute_target_values(
-            model, tok, requests, hparams, groups, z_layer=hparams.layers[-1], requests_per_loop=requests_per_loop
+            model, tok, requests, hparams, groups, z_layer=hparams.layers[-1], requests_per_loop=requests_per_loop,
+            prefix_cache=hparams.z_prefix_cache,
         )
     with timed(report.seconds, "update"):
         record = spread_update_over_layers(
@@ -91,5 +94,6 @@ def locate_and_edit(
         if state is not None:
             state.absorb_round(model, tok, requests, hparams, groups)
     report.target_loops, report.target_steps = values.loops, values.steps
+    report.target_forward_tokens = values.forward_tokens
     report.residual_norms = record.residual_norms
     return report

@@ -53,7 +53,8 @@ def apply_rome_to_model(
         groups = context.context_templates(model, tok, hparams.context_template_length_params)
     for request in requests:
         with timed(report.seconds, "target_values"):
-            values = compute_target_values(model, tok, [request], hparams, groups, z_layer=layer)
+            values = compute_target_values(model, tok, [request], hparams, groups, z_layer=layer,
+                                           prefix_cache=hparams.z_prefix_cache)
         with timed(report.seconds, "update"):
             templates, subjects = request_templates([request], groups)
             inputs, _ = states_at_fact_tokens(model, tok, templates, subjects, hparams.fact_token, inputs_of=[rewrite])

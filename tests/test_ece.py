@@ -229,3 +229,20 @@ def test_hparams_errors_name_the_key():
         ece_hparams("llama", neuron_threshold=0.0)
     with pytest.raises(HParamsError, match="upper_bound"):
         ece_hparams("llama", alpha=2.0, upper_bound=1.0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("bos", [False, True])
+def test_prefix_cache_gives_the_same_target_values(arch, bos, request):
+    """Tokens before the fact token are computed once; the values must not change."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    tok = request.getfixturevalue("tiny_tok_bos" if bos else "tiny_tok")
+    threshold_hp = ece_hparams(arch, v_num_grad_steps=1)
+    first = compute_target_values(model, tok, MORE_REQUESTS, threshold_hp, TEMPLATES, z_layer=2).losses
+    hp = ece_hparams(arch, v_num_grad_steps=6, v_stop_loss=float(np.median(first)))  # some stop, some go on
+    cached = compute_target_values(model, tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2)
+    full = compute_target_values(model, tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, prefix_cache=False)
+    assert torch.allclose(cached.initial, full.initial, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(cached.targets, full.targets, rtol=1e-4, atol=1e-5)
+    assert cached.steps == full.steps and len(set(cached.steps)) > 1
+    assert cached.losses == pytest.approx(full.losses, rel=1e-4)

@@ -173,3 +173,34 @@ def test_sequential_protocol_and_downstream_schedule(env, monkeypatch, embedded_
     assert glue == ["edits_000000.json", "edits_000001.json", "edits_000002.json"]
     counts = [json.loads((run_dir / "glue_eval" / g).read_text())["edit_count"] for g in glue]
     assert counts == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["WI", "AS", "RS", "GA"])
+def test_ece_two_sequential_rounds_of_ten_real_edits(env, method):
+    """Each ECE variant as shipped (only fewer statistics samples): two rounds of 10 CounterFact edits,
+    efficacy >= 90% after each round, and an explanation file per round that says which neurons were
+    edited and which facts were optimised together."""
+    name = f"ECE_{method}"
+    hparams = json.loads((SHIPPED / name / "smollm2-135m.json").read_text())
+    hparams.update(mom2_n_samples=400)
+    path = env / f"ece_{method}.json"
+    path.write_text(json.dumps(hparams))
+    run_dir = run("--alg_name", name, "--hparams_fname", str(path), "--dataset_size_limit", "20",
+                  "--num_edits", "10", "--skip_final_eval")
+    files = cases(run_dir)
+    assert len(files) == 20 and json.loads((run_dir / "params.json").read_text())["sequential"]
+    (row,) = summarize.summarize(name, runs=[run_dir.name], results_dir=run_dir.parent.parent)
+    assert row["stages"]["post"]["efficacy"]["mean"] >= 90.0, row["stages"]["post"]
+    explanations = sorted(run_dir.glob("explanation_round_*.json"))
+    assert [p.name for p in explanations] == ["explanation_round_000.json", "explanation_round_001.json"]
+    for index, path in enumerate(explanations):
+        explanation = json.loads(path.read_text())
+        round_ids = {c["case_id"] for c in files.values() if c["round"] == index}
+        assert {r["case_id"] for r in explanation["requests"]} == round_ids
+        assert sorted(i for c in explanation["clusters"] for i in c["case_ids"]) == sorted(round_ids)
+        for layer in map(str, hparams["layers"]):
+            info = explanation["layers"][layer]
+            assert 0 < info["n_selected"] == len(info["selected_neurons"]) <= info["n_neurons"] == 1536
+            assert info["mass_share"] >= hparams["neuron_threshold"] - 1e-6
+        assert set(explanation["seconds"]) >= {"explain", "cluster", "target_values", "update"}
+        assert all(0 <= r["cluster"] < explanation["n_clusters"] for r in explanation["requests"])

@@ -1,0 +1,262 @@
+"""Editing speed side by side: every algorithm edits the same records in one process.
+
+    python experiments/benchmark.py --algs MEMIT,ECE_WI --model_name smollm2-135m --ds_name mcf \
+        --num_edits 100 --rounds 1 --out bench.json
+
+Each algorithm starts from a fresh copy of the model (reloaded from the local cache), shares the cached
+statistics and the context templates, and applies ``--rounds`` rounds of ``--num_edits`` edits one
+after another (with C_prev where the method keeps it). Recorded per algorithm: seconds per stage (the
+statistics, templates, explain, cluster, target values, update, and the evaluation kept apart),
+seconds per round, edits per second, peak memory, target-value loops and tokens, and efficacy /
+generalization / specificity of all edited cases on the final model.
+
+An algorithm may carry hparams overrides, ``NAME:key=value:key=value`` (JSON values), e.g.
+``MEMIT:z_prefix_cache=false`` for the published cost of MEMIT's target values. The "distance to the
+limit" columns compare the floating-point rate of the target-value stage with a plain large matrix
+multiplication on the same machine, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.algorithms import get_algorithm  # noqa: E402
+from experiments.evaluate import (Evaluator, RunError, load_records, record_to_request, resolve_hparams_path,  # noqa: E402
+                                  set_seed)
+from rome.context import EditContext  # noqa: E402
+from rome.sequential import SequentialState  # noqa: E402
+from summarize import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
+from util.hooks import get_module  # noqa: E402
+from util.io import atomic_write_json  # noqa: E402
+from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
+
+LOG = logging.getLogger("benchmark")
+
+STAGES = ("statistics", "templates", "explain", "cluster", "target_values", "update")
+
+
+def parse_algorithm_spec(spec: str) -> Tuple[str, dict]:
+    """``NAME:key=value:...`` -> (NAME, overrides); values are JSON (``false``, ``10``, ``"x"``)."""
+    name, *pairs = spec.split(":")
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise RunError(f"bad algorithm spec {spec!r}: write NAME:key=value (got {pair!r})")
+        key, value = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
+class PeakMemory:
+    """Peak resident memory (and CUDA peak allocation) while the block runs, sampled every 20 ms."""
+
+    def __init__(self):
+        self.rss_mb = 0.0
+        self.cuda_mb: Optional[float] = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:  # not Linux: the process-wide peak is the best available
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.rss_mb = max(self.rss_mb, self.current_rss_mb())
+
+    def __enter__(self):
+        self.rss_mb = self.current_rss_mb()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.rss_mb = max(self.rss_mb, self.current_rss_mb())
+        if torch.cuda.is_available():
+            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+        return False
+
+
+def matmul_rate(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a plain ``size x size`` matrix product: the machine's practical ceiling."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def target_flops_per_token(model, hparams) -> float:
+    """Matmul FLOPs per token of one optimisation step: forward through the decoder layers up to the
+    loss layer, backward (activation gradients only: the weights are frozen) from there down to the
+    edited layer. Attention scores and the output head at the target positions are left out."""
+    per_layer = sum(p.numel() for p in get_module(model, hparams.layer_module(0)).parameters() if p.dim() == 2)
+    forward_layers = hparams.v_loss_layer + 1
+    backward_layers = hparams.v_loss_layer - hparams.layers[-1]
+    return 2.0 * per_layer * (forward_layers + backward_layers)
+
+
+def edit_quality(case_metrics: List[dict]) -> Dict[str, Optional[float]]:
+    summary = summarize_stage(case_metrics, COUNTERFACT, "final")
+    return {m: (summary[m]["mean"] if summary[m] else None) for m in ("efficacy", "generalization", "specificity")}
+
+
+def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case: Evaluator) -> dict:
+    name, overrides = parse_algorithm_spec(spec)
+    algorithm = get_algorithm(name)
+    hparams_path = resolve_hparams_path(algorithm, args.hparams_fname or f"{args.model_name}.json")
+    values = json.loads(Path(hparams_path).read_text())
+    values.update(overrides)
+    hparams = algorithm.hparams_class.from_dict(values, source=f"{hparams_path} with {overrides}")
+    model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
+    state = SequentialState() if algorithm.uses_sequential_state else None
+    seconds: Dict[str, float] = {}
+    round_seconds, loops, tokens, clusters = [], 0, 0, []
+    requests = [record_to_request(r) for r in records]
+    rounds = [requests[i : i + args.num_edits] for i in range(0, len(requests), args.num_edits)]
+    with PeakMemory() as memory:
+        for index, round_requests in enumerate(tqdm(rounds, desc=spec, unit="round", leave=False)):
+            set_seed(args.seed + index)
+            start = time.perf_counter()
+            report = algorithm.apply(model, tok, round_requests, hparams, context, state)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            round_seconds.append(time.perf_counter() - start)
+            for stage, value in report.seconds.items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
+            loops += report.target_loops
+            tokens += report.target_forward_tokens
+            if "n_clusters" in report.extra:
+                clusters.append(report.extra["n_clusters"])
+    start = time.perf_counter()
+    case_metrics = [counterfact_case_metrics(evaluate_case(model, tok, r)) for r in records]
+    evaluation_seconds = time.perf_counter() - start
+    total = sum(round_seconds)
+    z_seconds = seconds.get("target_values", 0.0)
+    flops = tokens * target_flops_per_token(model, hparams)
+    row = {
+        "alg": spec, "round_seconds": total / len(round_seconds), "rounds": len(round_seconds),
+        "z_seconds": z_seconds, "update_seconds": seconds.get("update", 0.0),
+        "stage_seconds": {s: seconds.get(s, 0.0) for s in STAGES},
+        "evaluation_seconds": evaluation_seconds,
+        "edits_per_second": len(records) / total,
+        "peak_memory_mb": memory.rss_mb, "peak_cuda_memory_mb": memory.cuda_mb,
+        "target_loops": loops, "target_forward_tokens": tokens,
+        "target_gflops_per_second": flops / z_seconds / 1e9 if z_seconds else None,
+        "n_clusters": clusters or None, "hparams_overrides": overrides,
+        **edit_quality(case_metrics),
+    }
+    del model
+    return row
+
+
+def print_table(rows: List[dict], matmul_gflops: float) -> None:
+    reference = next((r for r in rows if r["alg"] == "MEMIT"), None) or next(
+        (r for r in rows if parse_algorithm_spec(r["alg"])[0] == "MEMIT"), rows[0])
+    width = max(len(r["alg"]) for r in rows) + 2
+    header = (f"{'algorithm':<{width}}{'s/round':>9}{'x MEMIT':>8}{'z s':>8}{'upd s':>7}{'edit/s':>8}{'loops':>6}"
+              f"{'GF/s z':>8}{'% mm':>6}{'peak MB':>9}{'Eff':>6}{'Gen':>6}{'Spe':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        rate = r["target_gflops_per_second"] or 0.0
+        fmt = lambda v: f"{v:6.1f}" if v is not None else "     -"
+        print(f"{r['alg']:<{width}}{r['round_seconds']:9.1f}{reference['round_seconds'] / r['round_seconds']:8.2f}"
+              f"{r['z_seconds']:8.1f}{r['update_seconds']:7.1f}{r['edits_per_second']:8.3f}{r['target_loops']:6d}"
+              f"{rate:8.1f}{100 * rate / matmul_gflops:6.1f}{r['peak_memory_mb']:9.0f}"
+              f"{fmt(r['efficacy'])}{fmt(r['generalization'])}{fmt(r['specificity'])}")
+    print(f"plain matmul: {matmul_gflops:.1f} GFLOP/s ('% mm': target-value rate as a share of it; "
+          f"x MEMIT: {reference['alg']}'s seconds per round / this row's)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algs", required=True, help="comma-separated, e.g. MEMIT,ECE_WI,MEMIT:z_prefix_cache=false")
+    parser.add_argument("--model_name", default="smollm2-135m")
+    parser.add_argument("--hparams_fname", default=None, help="default <model_name>.json in each hparams/<ALG>/")
+    parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
+    parser.add_argument("--num_edits", type=int, default=100, help="edits per round")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU)")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.num_edits < 1 or args.rounds < 1:
+        parser.error("--num_edits and --rounds must be >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.device = args.device or default_device()
+    specs = [s.strip() for s in args.algs.split(",") if s.strip()]
+    for spec in specs:
+        get_algorithm(parse_algorithm_spec(spec)[0])  # fail before any work on a bad name
+    records = load_records(args.ds_name, args.data_dir, args.num_edits * args.rounds)
+    if len(records) < args.num_edits * args.rounds:
+        raise RunError(f"the dataset has {len(records)} records, fewer than {args.num_edits} x {args.rounds}")
+    context = EditContext(args.model_name, data_dir=args.data_dir, seed=args.seed)
+    evaluate_case = Evaluator(args.ds_name, args.data_dir, skip_generation=True, interval=1, batch_size=32)
+    matmul = matmul_rate(args.device, parse_dtype(args.dtype, args.device))
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                    "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__},
+        "model": args.model_name, "ds_name": args.ds_name, "num_edits": args.num_edits, "rounds": args.rounds,
+        "seed": args.seed, "matmul_gflops_per_second": matmul, "rows": [],
+    }
+    for spec in tqdm(specs, desc="algorithms", unit="alg"):
+        result["rows"].append(run_algorithm(spec, args, records, context, evaluate_case))
+        if args.out:  # after every algorithm, so a crash later loses nothing
+            atomic_write_json(Path(args.out), result, indent=2)
+    print_table(result["rows"], matmul)
+    return result
+
+
+def cli(argv=None) -> int:
+    try:
+        main(argv)
+    except (RunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
