@@ -25,9 +25,12 @@ class Algorithm:
 def _registry():
     from functools import partial
 
+    from baselines.alphaedit import AlphaEditHyperParams, apply_alphaedit_to_model
     from baselines.ft import FTHyperParams, apply_ft_to_model
     from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model
     from baselines.memit import MEMITHyperParams, apply_memit_to_model
+    from baselines.prune import PRUNEHyperParams, apply_prune_to_model
+    from baselines.rect import RECTHyperParams, apply_rect_to_model
     from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 
     algorithms = [
@@ -35,6 +38,9 @@ def _registry():
         Algorithm("MEMIT", MEMITHyperParams, apply_memit_to_model, False, True),
         Algorithm("MEMIT_seq", MEMITHyperParams, apply_memit_to_model, True, True, hparams_folder="MEMIT"),
         Algorithm("FT", FTHyperParams, apply_ft_to_model, False, False),
+        Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit_to_model, True, True),
+        Algorithm("MEMIT_prune", PRUNEHyperParams, apply_prune_to_model, True, True),
+        Algorithm("MEMIT_rect", RECTHyperParams, apply_rect_to_model, True, True),
     ]
     algorithms += [Algorithm(f"ECE_{method}", ECEHyperParams, partial(apply_ece_to_model, method=method), True, True)
                    for method in SCORE_METHODS]

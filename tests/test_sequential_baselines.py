@@ -1,0 +1,262 @@
+"""AlphaEdit, PRUNE and RECT on tiny random models: null-space projector, bounded edits, sparse updates."""
+import copy
+import math
+
+import pytest
+import torch
+
+from baselines.alphaedit import (
+    AlphaEditHyperParams, alphaedit_solver, apply_alphaedit_to_model, load_or_compute_projectors, nullspace_projector,
+    projector_file,
+)
+from baselines.memit import apply_memit_to_model
+from baselines.prune import PRUNEHyperParams, apply_prune_to_model, restrain_edit
+from baselines.rect import RECTHyperParams, apply_rect_to_model, keep_top_relative_entries
+from experiments.algorithms import get_algorithm
+from rome.layer_stats import stats_file
+from rome.sequential import SequentialState
+from util.hparams import HParamsError
+from util.paths import REPO_ROOT
+from util.weights import add_to_weight, read_weight, snapshot_weights
+
+from tests.test_ece import fixed_context
+from tests.test_editing_math import REQUESTS, make_hparams, stats_dir  # noqa: F401
+
+
+def orthonormal(d: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    return q
+
+
+def edited_weights(model, hparams):
+    return {layer: read_weight(model, hparams.rewrite_module(layer)).detach().double().clone()
+            for layer in hparams.layers}
+
+
+# -- AlphaEdit ------------------------------------------------------------------------------------
+
+def test_nullspace_projector_annihilates_the_dominant_subspace():
+    d = 16
+    u = orthonormal(d, seed=0)
+    eigenvalues = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1] + [1e-3] * 10, dtype=torch.float64)
+    c0 = (u * eigenvalues) @ u.T
+    p = nullspace_projector(c0.float(), threshold=2e-2)
+    dominant, null = u[:, :6], u[:, 6:]
+    assert (p @ dominant).abs().max() < 1e-6
+    assert torch.allclose(p @ null, null, atol=1e-6)
+    assert torch.allclose(p @ p, p, atol=1e-10) and torch.allclose(p, p.T, atol=1e-12)
+    assert float(p.trace()) == pytest.approx(10.0, abs=1e-9)
+    # Every eigenvalue above the threshold: nothing is free to change.
+    assert float(nullspace_projector(c0, threshold=1e-4).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_projector_of_real_statistics_is_cached_next_to_them(request, arch, tiny_tok, stats_dir, monkeypatch):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch, cls=AlphaEditHyperParams, nullspace_threshold=1e-4)
+    context = fixed_context()
+    second_moments = context.second_moments(model, tiny_tok, hp, hp.layers)
+    projectors = load_or_compute_projectors(model, hp, second_moments, context.model_name)
+    for layer in hp.layers:
+        c0 = second_moments[layer].double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(c0)
+        dominant = eigenvectors[:, eigenvalues >= 1e-4]
+        p = projectors[layer].double()
+        assert 0 < dominant.shape[1] < c0.shape[0]
+        assert (p @ dominant).norm() < 1e-5 * dominant.norm()
+        assert torch.allclose(p @ p, p, atol=1e-5) and torch.allclose(p, p.T, atol=1e-6)
+        assert float(p.trace()) == pytest.approx(c0.shape[0] - dominant.shape[1], abs=1e-3)
+        path = projector_file(stats_dir, "tiny", hp, layer)
+        assert path.exists() and "0.0001" in path.name and not list(path.parent.glob(".*tmp"))
+        assert path.parent == stats_file(stats_dir, "tiny", hp, layer).parent
+    # The second call reads the files and never decomposes C0.
+    monkeypatch.setattr("baselines.alphaedit.alphaedit_main.nullspace_projector",
+                        lambda *a, **k: pytest.fail("the projector was recomputed"))
+    again = load_or_compute_projectors(model, hp, second_moments, context.model_name)
+    assert all(torch.equal(again[layer], projectors[layer]) for layer in hp.layers)
+    other = make_hparams(arch, cls=AlphaEditHyperParams, nullspace_threshold=2e-4)
+    assert projector_file(stats_dir, "tiny", other, 1) != projector_file(stats_dir, "tiny", hp, 1)
+
+
+def test_alphaedit_solve_matches_its_equation_and_stays_in_the_null_space():
+    d_in, d_out, n = 12, 5, 3
+    generator = torch.Generator().manual_seed(1)
+    u = orthonormal(d_in, seed=2)
+    p = u[:, 4:] @ u[:, 4:].T  # the first 4 eigen-directions are preserved
+    keys = torch.randn(d_in, n, generator=generator)
+    residuals = torch.randn(d_out, n, generator=generator)
+    prev_keys = torch.randn(d_in, 2, generator=generator, dtype=torch.float64)
+    state = SequentialState(prev_moments={0: prev_keys @ prev_keys.T})
+    hp = make_hparams("llama", cls=AlphaEditHyperParams, L2=0.5)
+    delta = alphaedit_solver(hp, {0: p.float()}, state)(0, keys, residuals)
+    assert delta.dtype == torch.float64 and delta.shape == (d_out, d_in)
+    k = keys.double()
+    lhs = (p @ (k @ k.T + state.prev_moments[0]) + 0.5 * torch.eye(d_in, dtype=torch.float64)) @ delta.T
+    assert torch.allclose(lhs, p @ k @ residuals.double().T, atol=1e-6)
+    assert (delta @ u[:, :4]).abs().max() < 1e-6 * delta.abs().max()
+    # A smaller ridge fits the keys' null-space components more closely.
+    loose = alphaedit_solver(make_hparams("llama", cls=AlphaEditHyperParams, L2=1e-6), {0: p}, None)(0, keys, residuals)
+    target = residuals.double()
+    assert (loose @ k - target).norm() < (delta @ k - target).norm()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_alphaedit_leaves_preserved_keys_alone_where_memit_does_not(request, arch, tiny_tok, stats_dir):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    memit_model = copy.deepcopy(model)
+    probe = make_hparams(arch)
+    second_moments = fixed_context().second_moments(model, tiny_tok, probe, probe.layers)
+    # Half of the directions of each layer (at least) are free to change.
+    threshold = min(float(torch.linalg.eigvalsh(c.double()).median()) for c in second_moments.values())
+    hp = make_hparams(arch, cls=AlphaEditHyperParams, nullspace_threshold=threshold, L2=0.1,
+                      mom2_update_weight=1.0, z_requests_per_loop=3)
+    before = edited_weights(model, hp)
+    state = SequentialState()
+    report = apply_alphaedit_to_model(model, tiny_tok, REQUESTS, hp, fixed_context(), state)
+    apply_memit_to_model(memit_model, tiny_tok, REQUESTS, make_hparams(arch, mom2_update_weight=1.0), fixed_context())
+    assert state.rounds == 1 and report.target_loops == 1
+    for layer, weight in before.items():
+        eigenvalues, eigenvectors = torch.linalg.eigh(second_moments[layer].double())
+        preserved = eigenvectors[:, eigenvalues >= threshold]  # keys in the dominant span of C0
+        alpha_change = edited_weights(model, hp)[layer] - weight
+        memit_change = edited_weights(memit_model, hp)[layer] - weight
+        unedited_outputs = (weight @ preserved).norm()
+        assert alpha_change.norm() > 1e-2 * weight.norm()  # AlphaEdit did edit
+        assert (alpha_change @ preserved).norm() < 1e-6 * unedited_outputs
+        assert (memit_change @ preserved).norm() > 0.1 * unedited_outputs
+
+
+# -- PRUNE ----------------------------------------------------------------------------------------
+
+def test_restrain_edit_on_known_singular_values():
+    d_out, d_in = 6, 9
+    w_orig = (orthonormal(d_out, 3)[:, :d_out] * torch.tensor([2.0, 1.5, 1.0, 0.5, 0.2, 0.1],
+                                                              dtype=torch.float64)) @ orthonormal(d_in, 4)[:d_out]
+    s_max = 2.0
+    u, v = orthonormal(d_out, 5)[:, :3], orthonormal(d_in, 6)[:, :3]
+    edit = (u * torch.tensor([10 * s_max, 3 * s_max, 0.5 * s_max], dtype=torch.float64)) @ v.T
+    restrained = restrain_edit(w_orig, w_orig + edit) - w_orig
+    expected = torch.tensor([s_max + math.log(10), s_max + math.log(3), 0.5 * s_max], dtype=torch.float64)
+    assert torch.allclose(torch.linalg.svdvals(restrained)[:3], expected, atol=1e-10)
+    assert torch.linalg.svdvals(restrained)[3:].abs().max() < 1e-10
+    # The directions of the edit are kept; only the large singular values shrink.
+    assert torch.allclose(u.T @ restrained @ v, torch.diag(expected), atol=1e-10)
+    # An edit already within the bound is left alone (and the storage orientation does not matter).
+    assert restrain_edit(w_orig, w_orig + 0.5 * edit / 10) is None
+    transposed = restrain_edit(w_orig.T, (w_orig + edit).T) - w_orig.T
+    assert torch.allclose(transposed.T, restrained, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prune_bounds_the_accumulated_edit_over_two_rounds(request, arch, tiny_tok, stats_dir, monkeypatch):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch, cls=PRUNEHyperParams, z_requests_per_loop=2)
+    names = [hp.rewrite_module(layer) for layer in hp.layers]
+    unedited = snapshot_weights(model, names)
+    s_max = {name: float(torch.linalg.matrix_norm(read_weight(model, name).double(), ord=2)) for name in names}
+    unbounded = {}
+    real_restrain = restrain_edit
+
+    def spy(original, current):
+        unbounded[next(n for n in names if torch.equal(original, unedited[n]))] = current.double() - original.double()
+        return real_restrain(original, current)
+
+    monkeypatch.setattr("baselines.prune.prune_main.restrain_edit", spy)
+    state = SequentialState()
+    context = fixed_context()
+    apply_prune_to_model(model, tiny_tok, REQUESTS[:2], hp, context, state)
+    assert set(state.originals) == set(names)
+    # An artificially large edit between the rounds: rank one, 100 times the largest singular value.
+    for name in names:
+        d_out, d_in = read_weight(model, name).shape
+        direction = torch.outer(orthonormal(d_out, 7)[:, 0], orthonormal(d_in, 8)[:, 0])
+        add_to_weight(model, name, 100 * s_max[name] * direction)
+    report = apply_prune_to_model(model, tiny_tok, REQUESTS[2:], hp, context, state)
+    assert sorted(report.extra["restrained_modules"]) == sorted(names) and state.rounds == 2
+    for name in names:
+        assert torch.equal(state.originals[name], unedited[name])  # the first round's weights, not the second's
+        raw = torch.linalg.svdvals(unbounded[name])
+        # Singular values do not depend on the storage orientation: compare the stored weights.
+        final = torch.linalg.svdvals(snapshot_weights(model, [name])[name].double() - unedited[name].double())
+        assert raw[0] > 90 * s_max[name]
+        bound = torch.where(raw > s_max[name], s_max[name] + torch.log(raw / s_max[name]), raw)
+        assert (final <= bound + 1e-4).all()
+        assert final[0] == pytest.approx(float(bound[0]), rel=1e-4)
+        assert final[0] < raw[0] / 2  # the artificially large direction shrank
+
+
+def test_sequential_state_keeps_originals_and_reads_old_files():
+    state = SequentialState(prev_moments={1: torch.eye(2, dtype=torch.float64)}, rounds=3, edits=30,
+                            originals={"m.1": torch.arange(6.0).view(2, 3)})
+    restored = SequentialState.from_state_dict(state.state_dict())
+    assert torch.equal(restored.originals["m.1"], state.originals["m.1"]) and restored.rounds == 3
+    old_file = {"prev_moments": state.prev_moments, "rounds": 3, "edits": 30}  # written before ``originals``
+    assert SequentialState.from_state_dict(old_file).originals == {}
+
+
+# -- RECT -----------------------------------------------------------------------------------------
+
+def test_keep_top_relative_entries_on_a_known_example():
+    delta = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [-0.1, 0.2, -0.3, 0.4, -0.5]])
+    weight = torch.tensor([[1.0, 2.0, 4.0, 8.0, 10.0], [0.1, 0.1, 0.1, 0.1, 0.0]])
+    # Relative magnitudes [1, .5, .25, .125, .1] and [1, 2, 3, 4, 5e7]: the top 40% (4 of 10) are the
+    # last four of the second row (the zero weight included).
+    kept = keep_top_relative_entries(delta, weight, 40.0)
+    assert torch.equal(kept, torch.tensor([[0.0, 0, 0, 0, 0], [0, 0.2, -0.3, 0.4, -0.5]]))
+    assert torch.count_nonzero(keep_top_relative_entries(delta, weight, 45.0)) == 5  # ceil(4.5)
+    assert torch.equal(keep_top_relative_entries(delta, weight, 100.0), delta)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rect_keeps_the_stated_share_of_each_update(request, arch, tiny_tok, stats_dir, monkeypatch):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch, cls=RECTHyperParams, top_k_percent=25.0, z_requests_per_loop=3)
+    before = edited_weights(model, hp)
+    masked = []
+    real_keep = keep_top_relative_entries
+
+    def spy(delta, weight, top_k_percent):
+        kept = real_keep(delta, weight, top_k_percent)
+        masked.append((delta, weight.double().clone(), kept))
+        return kept
+
+    monkeypatch.setattr("baselines.rect.rect_main.keep_top_relative_entries", spy)
+    apply_rect_to_model(model, tiny_tok, REQUESTS, hp, fixed_context(), SequentialState())
+    assert len(masked) == len(hp.layers)
+    for layer, (delta, weight, kept) in zip(hp.layers, masked):
+        assert torch.allclose(weight, before[layer])  # measured against the weight before its update
+        assert torch.count_nonzero(kept) == math.ceil(0.25 * delta.numel())
+        relative = delta.abs() / (weight.abs() + 1e-8)
+        assert relative[kept != 0].min() >= relative[kept == 0].max()
+        change = edited_weights(model, hp)[layer] - before[layer]
+        assert torch.allclose(change, kept, atol=1e-6)
+        assert torch.count_nonzero(change) / change.numel() == pytest.approx(0.25, abs=0.01)
+
+
+# -- hyperparameters and registry ------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, key, value", [
+    (AlphaEditHyperParams, "nullspace_threshold", 0.0),
+    (AlphaEditHyperParams, "L2", -1.0),
+    (AlphaEditHyperParams, "mom2_adjustment", False),
+    (RECTHyperParams, "top_k_percent", 0.0),
+    (RECTHyperParams, "top_k_percent", 100.5),
+    (PRUNEHyperParams, "z_requests_per_loop", 0),
+])
+def test_hparams_validation_names_the_bad_key(cls, key, value):
+    with pytest.raises(HParamsError, match=f"'{key}'"):
+        make_hparams("llama", cls=cls, **{key: value})
+
+
+@pytest.mark.parametrize("name, extra", [("AlphaEdit", {"nullspace_threshold": 2e-2, "L2": 10.0}),
+                                         ("MEMIT_prune", {}), ("MEMIT_rect", {"top_k_percent": 40.0})])
+def test_registered_with_hparams_files_for_every_model(name, extra):
+    algorithm = get_algorithm(name)
+    assert algorithm.sequential_by_default and algorithm.uses_sequential_state
+    for model in ("smollm2-135m", "gpt2-xl", "Llama3-8B"):
+        hp = algorithm.hparams_class.from_json(REPO_ROOT / "hparams" / name / f"{model}.json")
+        memit = get_algorithm("MEMIT").hparams_class.from_json(REPO_ROOT / "hparams" / "MEMIT" / f"{model}.json")
+        assert {k: getattr(hp, k) for k in extra} == extra
+        assert hp.layers == memit.layers and hp.v_lr == memit.v_lr
+        assert hp.z_requests_per_loop == (20 if model == "smollm2-135m" else 1)
