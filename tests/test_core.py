@@ -131,3 +131,24 @@ def test_trace_dict_stops_after_the_module_that_finishes_last(tiny_gpt2, tiny_to
     with TraceDict(tiny_gpt2, names, retain_input=True, stop=True) as traces:
         tiny_gpt2(input_ids=ids)
     assert traces["transformer.h.2"].output is not None and traces["transformer.h.2.mlp.c_proj"].input is not None
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_continuation_scores_match_one_unpadded_forward_per_pair(request, tiny_tok_bos, fixture):
+    """Batched, left-padded scoring with logits only at the last positions equals scoring each pair
+    alone over the full logits (GPT-2's absolute positions included)."""
+    from util.scoring import continuation_scores
+    from util.tokens import prompt_ids, target_ids
+
+    model = request.getfixturevalue(fixture)
+    prefixes = ["The Eiffel Tower is in", "Paris", "A much longer prompt about the history of the city of"]
+    targets = ["Rome", "the capital of France", "Berlin"]
+    batched = continuation_scores(model, tiny_tok_bos, prefixes, targets)
+    for prefix, target, score in zip(prefixes, targets, batched):
+        p, t = prompt_ids(tiny_tok_bos, prefix), target_ids(tiny_tok_bos, target)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + t])).logits[0]
+        log_probs = torch.log_softmax(logits[len(p) - 1 : len(p) - 1 + len(t)], dim=-1)
+        expected = -log_probs.gather(1, torch.tensor(t)[:, None])[:, 0]
+        assert score.token_nlls == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)
+        assert score.token_correct == (log_probs.argmax(-1) == torch.tensor(t)).tolist()

@@ -6,13 +6,14 @@ probabilities, zsRE token accuracy, downstream label likelihoods) are built from
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
 
 from util.models import model_device
-from util.tokens import chunks, prompt_target_batch
+from util.tokens import chunks, pad_batch, prompt_ids, target_ids
 
 
 @dataclass
@@ -25,6 +26,20 @@ class ContinuationScore:
         return sum(self.token_nlls) / len(self.token_nlls)
 
 
+def _left_padded_logits(model, tok, rows: Sequence[Sequence[int]], keep: int, device) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of each row, rows padded on the left so that every row ends
+    in the last column. Only those positions go through the output embedding (``logits_to_keep``);
+    explicit position ids keep absolute-position models (GPT-2) exact under left padding."""
+    ids, mask = pad_batch(tok, rows, device=device, side="left")
+    parameters = inspect.signature(model.forward).parameters
+    kwargs = {"use_cache": False} if "use_cache" in parameters else {}
+    if "position_ids" in parameters:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in parameters:
+        kwargs["logits_to_keep"] = keep
+    return model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -keep:]
+
+
 @torch.no_grad()
 def continuation_scores(
     model, tok, prefixes: Sequence[str], targets: Sequence[str], batch_size: int = 32
@@ -33,17 +48,18 @@ def continuation_scores(
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     device = model_device(model)
-    pairs = list(zip(prefixes, targets))
+    pairs = [(prompt_ids(tok, p), target_ids(tok, t)) for p, t in zip(prefixes, targets)]
     results: List[ContinuationScore] = []
     for batch in chunks(pairs, batch_size):
-        ids, mask, positions, wanted = prompt_target_batch(tok, *zip(*batch), device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        for row in range(len(batch)):
-            index = torch.as_tensor(positions[row], device=logits.device)
+        keep = max(len(t) for _, t in batch) + 1
+        logits = _left_padded_logits(model, tok, [p + t for p, t in batch], keep, device)
+        for row, (_, target) in enumerate(batch):
+            # The last len(target) tokens are predicted by the positions just before them.
+            index = torch.arange(keep - len(target) - 1, keep - 1, device=logits.device)
             log_probs = torch.log_softmax(logits[row, index].float(), dim=-1)
-            target = torch.as_tensor(wanted[row], device=logits.device)
-            nlls = -log_probs.gather(1, target[:, None])[:, 0]
-            correct = log_probs.argmax(-1) == target
+            wanted = torch.as_tensor(target, device=logits.device)
+            nlls = -log_probs.gather(1, wanted[:, None])[:, 0]
+            correct = log_probs.argmax(-1) == wanted
             results.append(ContinuationScore(nlls.tolist(), correct.tolist()))
     return results
 
