@@ -246,3 +246,27 @@ def test_prefix_cache_gives_the_same_target_values(arch, bos, request):
     assert torch.allclose(cached.targets, full.targets, rtol=1e-4, atol=1e-5)
     assert cached.steps == full.steps and len(set(cached.steps)) > 1
     assert cached.losses == pytest.approx(full.losses, rel=1e-4)
+
+
+PAPER_VALUES = {  # DESIGN.md / the ECE paper: layers, lambda, v_lr, steps, loss layer
+    "gpt2-xl": ([13, 14, 15, 16, 17], 20000, 0.5, 20, 47),
+    "Llama3-8B": ([4, 5, 6, 7, 8], 15000, 0.1, 25, 31),
+}
+
+
+@pytest.mark.parametrize("method", ["WI", "AS", "RS", "GA"])
+def test_shipped_ece_hparams_load_with_the_paper_values(method):
+    from pathlib import Path
+
+    from experiments.algorithms import get_algorithm
+
+    algorithm = get_algorithm(f"ECE_{method}")
+    assert algorithm.sequential_by_default and algorithm.uses_sequential_state
+    folder = Path(__file__).resolve().parent.parent / "hparams" / f"ECE_{method}"
+    for model, (layers, lam, lr, steps, loss_layer) in PAPER_VALUES.items():
+        hp = algorithm.hparams_class.from_json(folder / f"{model}.json")
+        assert (hp.layers, hp.mom2_update_weight, hp.v_lr, hp.v_num_grad_steps, hp.v_loss_layer) == \
+            (layers, lam, lr, steps, loss_layer)
+        assert (hp.clamp_norm_factor, hp.kl_factor, hp.v_weight_decay, hp.neuron_threshold) == (0.75, 0.0625, 0.5, 0.8)
+    small = algorithm.hparams_class.from_json(folder / "smollm2-135m.json")
+    assert small.layers == [3, 4, 5, 6, 7] and small.mom2_update_weight == 1500  # tuned on 200 records
