@@ -20,7 +20,8 @@ import torch
 from rome.fact_tokens import average_over_templates, compute_keys, fact_token_index, request_templates
 from util.hooks import Trace, TraceDict
 from util.models import model_device
-from util.tokens import chunks, prompt_target_batch
+from util.scoring import left_padded_logits, trailing_target_log_probs
+from util.tokens import chunks, prompt_ids, target_ids
 from util.weights import read_weight
 
 SCORE_METHODS = ("AS", "WI", "RS", "GA")
@@ -59,22 +60,13 @@ def neuron_scores(model, tok, requests, hparams, template_groups, method: str,
     return {l: keys[l].float().abs() * column_l1_norms(model, hparams, l).to(keys[l].device) for l in layers}
 
 
-def _target_log_probs(logits: torch.Tensor, positions, wanted) -> torch.Tensor:
-    """Summed log-probability of each row's target tokens: ``[rows]``."""
-    rows = torch.tensor([r for r, p in enumerate(positions) for _ in p], device=logits.device)
-    index = torch.tensor([i for p in positions for i in p], device=logits.device)
-    tokens = torch.tensor([t for w in wanted for t in w], device=logits.device)
-    log_probs = torch.log_softmax(logits[rows, index].float(), dim=-1).gather(1, tokens[:, None])[:, 0]
-    return torch.zeros(len(positions), device=logits.device).index_add(0, rows, log_probs)
-
-
 def _input_embedding_name(model) -> str:
     embedding = model.get_input_embeddings()
     return next(name for name, module in model.named_modules() if module is embedding)
 
 
 def gradient_attribution(model, tok, requests, hparams, template_groups, layers: Sequence[int],
-                         ig_steps: int = 0, batch_size: int = 16) -> Dict[int, torch.Tensor]:
+                         ig_steps: int = 0, batch_size: int = 32) -> Dict[int, torch.Tensor]:
     """``|k * d log p(target_true)/dk|`` at the fact token for every edited layer, template-averaged.
 
     With ``ig_steps = 0`` one forward and backward per batch gives all layers at once (the embedding
@@ -84,36 +76,41 @@ def gradient_attribution(model, tok, requests, hparams, template_groups, layers:
     """
     templates, subjects = request_templates(requests, template_groups)
     per_request = len(templates) // max(len(requests), 1)
-    truths = [r["target_true"]["str"] for r in requests for _ in range(per_request)]
+    truths = [target_ids(tok, r["target_true"]["str"]) for r in requests for _ in range(per_request)]
     names = {l: hparams.rewrite_module(l) for l in layers}
     device = model_device(model)
     rows_out: Dict[int, list] = {l: [] for l in layers}
     for batch in chunks(list(range(len(templates))), batch_size):
-        prompts = [templates[i].format(subjects[i]) for i in batch]
-        ids, mask, positions, wanted = prompt_target_batch(
-            tok, prompts, [truths[i] for i in batch], device=device, drop_last_target_token=True)
-        fact = torch.tensor([fact_token_index(tok, templates[i], subjects[i], hparams.fact_token) for i in batch])
-        row = torch.arange(len(batch))
+        prompts = [prompt_ids(tok, templates[i].format(subjects[i])) for i in batch]
+        wanted = [truths[i] for i in batch]
+        rows = [p + t for p, t in zip(prompts, wanted)]
+        width = max(map(len, rows))
+        # Rows are padded on the left: a row's token j sits in column width - len(row) + j.
+        fact = torch.tensor([width - len(row) + fact_token_index(tok, templates[i], subjects[i], hparams.fact_token)
+                             for i, row in zip(batch, rows)])
+        log_p = lambda: trailing_target_log_probs(
+            left_padded_logits(model, tok, rows, max(map(len, wanted)) + 1, device), wanted)[0].sum()
         if ig_steps == 0:
             with torch.enable_grad():
                 with Trace(model, _input_embedding_name(model), retain_output=False,
                            edit_output=lambda out: out.requires_grad_(True)), \
                         TraceDict(model, names.values(), retain_input=True, retain_output=False, detach=False) as traces:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    total = log_p()
                 inputs = [traces[names[l]].input for l in layers]
-                grads = torch.autograd.grad(_target_log_probs(logits, positions, wanted).sum(), inputs)
+                grads = torch.autograd.grad(total, inputs)
             for l, k, g in zip(layers, inputs, grads):
-                at = (row.to(k.device), fact.to(k.device))
+                at = (torch.arange(len(batch), device=k.device), fact.to(k.device))
                 rows_out[l].append((k[at].detach() * g[at]).abs().float())
             continue
         for l in layers:
-            rows_out[l].append(_integrated_gradients(model, names[l], ids, mask, positions, wanted, fact, ig_steps))
+            rows_out[l].append(_integrated_gradients(model, names[l], log_p, fact, ig_steps))
     return {l: average_over_templates(torch.cat(rows_out[l]), template_groups) for l in layers}
 
 
-def _integrated_gradients(model, module_name, ids, mask, positions, wanted, fact, steps: int) -> torch.Tensor:
-    """``|k * mean_s dF/dx (at x = k * s / steps)|`` at the fact token of each row, for one module."""
-    row = torch.arange(len(ids))
+def _integrated_gradients(model, module_name, log_p, fact, steps: int) -> torch.Tensor:
+    """``|k * mean_s dF/dx (at x = k * s / steps)|`` at the fact token of each row, for one module;
+    ``log_p()`` runs the forward and returns F."""
+    row = torch.arange(len(fact))
     total, key = None, None
     for s in range(1, steps + 1):
         scale = s / steps
@@ -128,8 +125,8 @@ def _integrated_gradients(model, module_name, ids, mask, positions, wanted, fact
 
         with torch.enable_grad():
             with Trace(model, module_name, retain_output=False, edit_input=scaled):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            (grad,) = torch.autograd.grad(_target_log_probs(logits, positions, wanted).sum(), [seen["x"]])
+                value = log_p()
+            (grad,) = torch.autograd.grad(value, [seen["x"]])
         at = (row.to(grad.device), fact.to(grad.device))
         step_grad = grad[at].float()
         total = step_grad if total is None else total + step_grad

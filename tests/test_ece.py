@@ -270,3 +270,33 @@ def test_shipped_ece_hparams_load_with_the_paper_values(method):
         assert (hp.clamp_norm_factor, hp.kl_factor, hp.v_weight_decay, hp.neuron_threshold) == (0.75, 0.0625, 0.5, 0.8)
     small = algorithm.hparams_class.from_json(folder / "smollm2-135m.json")
     assert small.layers == [3, 4, 5, 6, 7] and small.mom2_update_weight == 1500  # tuned on 200 records
+
+
+def test_gradient_attribution_matches_a_manual_unpadded_gradient(tiny_gpt2, tiny_tok_bos):
+    """Batched, left-padded GA equals |k * dlog p(true)/dk| computed for each prompt alone (GPT-2: absolute
+    positions, so a padding mistake would show)."""
+    from rome.fact_tokens import fact_token_index
+    from util.hooks import Trace
+    from util.tokens import prompt_ids, target_ids
+
+    hp = ece_hparams("gpt2")
+    templates = [["{}"]]
+    batched = neuron_scores(tiny_gpt2, tiny_tok_bos, REQUESTS, hp, templates, "GA")
+    layer = hp.layers[0]
+    for j, r in enumerate(REQUESTS):
+        prompt = prompt_ids(tiny_tok_bos, r["prompt"].format(r["subject"]))
+        truth = target_ids(tiny_tok_bos, r["target_true"]["str"])
+        fact = fact_token_index(tiny_tok_bos, r["prompt"], r["subject"], hp.fact_token)
+        seen = {}
+
+        def leaf(x):
+            seen["x"] = x.detach().clone().requires_grad_(True)
+            return seen["x"]
+
+        with torch.enable_grad(), Trace(tiny_gpt2, hp.rewrite_module(layer), retain_output=False, edit_input=leaf):
+            logits = tiny_gpt2(input_ids=torch.tensor([prompt + truth])).logits[0]
+            log_probs = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(truth)], -1)
+            total = log_probs.gather(1, torch.tensor(truth)[:, None]).sum()
+            (grad,) = torch.autograd.grad(total, [seen["x"]])
+        expected = (seen["x"][0, fact] * grad[0, fact]).abs()
+        assert torch.allclose(batched[layer][j], expected, rtol=1e-3, atol=1e-7)

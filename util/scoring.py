@@ -26,10 +26,11 @@ class ContinuationScore:
         return sum(self.token_nlls) / len(self.token_nlls)
 
 
-def _left_padded_logits(model, tok, rows: Sequence[Sequence[int]], keep: int, device) -> torch.Tensor:
+def left_padded_logits(model, tok, rows: Sequence[Sequence[int]], keep: int, device) -> torch.Tensor:
     """Logits of the last ``keep`` positions of each row, rows padded on the left so that every row ends
-    in the last column. Only those positions go through the output embedding (``logits_to_keep``);
-    explicit position ids keep absolute-position models (GPT-2) exact under left padding."""
+    in the last column (a row of length ``n`` starts at column ``width - n``). Only those positions go
+    through the output embedding (``logits_to_keep``); explicit position ids keep absolute-position
+    models (GPT-2) exact under left padding."""
     ids, mask = pad_batch(tok, rows, device=device, side="left")
     parameters = inspect.signature(model.forward).parameters
     kwargs = {"use_cache": False} if "use_cache" in parameters else {}
@@ -38,6 +39,20 @@ def _left_padded_logits(model, tok, rows: Sequence[Sequence[int]], keep: int, de
     if "logits_to_keep" in parameters:
         kwargs["logits_to_keep"] = keep
     return model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -keep:]
+
+
+def trailing_target_log_probs(logits: torch.Tensor, targets: Sequence[Sequence[int]]):
+    """For rows that end with their target tokens (``left_padded_logits`` of ``prompt + target`` with
+    ``keep > max target length``): ``(log_probs, row, correct)``, one entry per target token, where
+    ``log_probs`` is the log-probability of the token (differentiable), ``row`` its row and ``correct``
+    whether it is the top-1 prediction."""
+    keep = logits.shape[1]
+    row = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=logits.device)
+    # The last len(t) tokens are predicted by the positions just before them.
+    position = torch.tensor([keep - len(t) - 1 + i for t in targets for i in range(len(t))], device=logits.device)
+    wanted = torch.tensor([token for t in targets for token in t], device=logits.device)
+    log_softmax = torch.log_softmax(logits[row, position].float(), dim=-1)
+    return log_softmax.gather(1, wanted[:, None])[:, 0], row, log_softmax.argmax(-1) == wanted
 
 
 @torch.no_grad()
@@ -51,16 +66,11 @@ def continuation_scores(
     pairs = [(prompt_ids(tok, p), target_ids(tok, t)) for p, t in zip(prefixes, targets)]
     results: List[ContinuationScore] = []
     for batch in chunks(pairs, batch_size):
-        keep = max(len(t) for _, t in batch) + 1
-        logits = _left_padded_logits(model, tok, [p + t for p, t in batch], keep, device)
-        for row, (_, target) in enumerate(batch):
-            # The last len(target) tokens are predicted by the positions just before them.
-            index = torch.arange(keep - len(target) - 1, keep - 1, device=logits.device)
-            log_probs = torch.log_softmax(logits[row, index].float(), dim=-1)
-            wanted = torch.as_tensor(target, device=logits.device)
-            nlls = -log_probs.gather(1, wanted[:, None])[:, 0]
-            correct = log_probs.argmax(-1) == wanted
-            results.append(ContinuationScore(nlls.tolist(), correct.tolist()))
+        wanted = [t for _, t in batch]
+        logits = left_padded_logits(model, tok, [p + t for p, t in batch], max(map(len, wanted)) + 1, device)
+        log_probs, _, correct = trailing_target_log_probs(logits, wanted)
+        for nlls, hits in zip((-log_probs).split([len(t) for t in wanted]), correct.split([len(t) for t in wanted])):
+            results.append(ContinuationScore(nlls.tolist(), hits.tolist()))
     return results
 
 
