@@ -31,6 +31,9 @@ class LocateEditHyperParams(HyperParams):
     mom2_dtype: str
     mom2_update_weight: float = 1.0  # lambda in lambda * C0 (MEMIT); unused by ROME
     mom2_sample_length: int = 128  # tokens per text chunk
+    # Stop the statistics once they hold this many keys per input dimension of the rewrite module
+    # (about 10 suffices for MEMIT-family updates: "minimal precomputation"); null: mom2_n_samples chunks.
+    mom2_keys_per_dimension: Optional[float] = None
     # Stopping rule of the target-value loop and the context templates ([[length, count], ...]).
     v_stop_loss: float = 5e-2
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
@@ -54,6 +57,8 @@ class LocateEditHyperParams(HyperParams):
         require(self.v_loss_layer >= max(self.layers), source, "v_loss_layer", "must be >= the last edited layer")
         require(self.clamp_norm_factor > 0, source, "clamp_norm_factor", "must be > 0")
         require(self.mom2_n_samples >= 1, source, "mom2_n_samples", "must be >= 1")
+        require(self.mom2_keys_per_dimension is None or self.mom2_keys_per_dimension > 0, source,
+                "mom2_keys_per_dimension", "must be > 0, or null for mom2_n_samples chunks")
         require(self.mom2_dtype in ("float32", "float64", "float16", "bfloat16"), source, "mom2_dtype",
                 "must be float32, float64, float16 or bfloat16")
         require(all(len(p) == 2 for p in self.context_template_length_params), source,

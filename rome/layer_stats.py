@@ -7,6 +7,7 @@ written atomically, so an interrupted computation never leaves a partial file be
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -20,6 +21,7 @@ from util.io import atomic_torch_save
 from util.models import hidden_states_only_kwargs, model_device
 from util.paths import get_paths, safe_name
 from util.tokens import leading_special_ids
+from util.weights import read_weight
 
 LOG = logging.getLogger(__name__)
 
@@ -105,8 +107,20 @@ def text_chunks(tok, text: str, n_samples: int, sample_length: int) -> torch.Ten
 
 def stats_file(stats_dir: Path, model_name: str, hparams, layer: int) -> Path:
     corpus = safe_name(Path(hparams.mom2_dataset).name if os.sep in hparams.mom2_dataset else hparams.mom2_dataset)
-    folder = stats_dir / safe_name(model_name) / f"{corpus}_{hparams.mom2_n_samples}x{hparams.mom2_sample_length}"
+    size = f"{hparams.mom2_n_samples}x{hparams.mom2_sample_length}"
+    if getattr(hparams, "mom2_keys_per_dimension", None):
+        size += f"_{float(hparams.mom2_keys_per_dimension):g}keys_per_dim"
+    folder = stats_dir / safe_name(model_name) / f"{corpus}_{size}"
     return folder / f"{hparams.rewrite_module(layer)}_{hparams.mom2_dtype}.pt"
+
+
+def chunks_needed(model, hparams, bos_length: int) -> int:
+    """``mom2_n_samples``, or fewer when ``mom2_keys_per_dimension`` keys per input dimension suffice."""
+    if not getattr(hparams, "mom2_keys_per_dimension", None):
+        return hparams.mom2_n_samples
+    d_in = read_weight(model, hparams.rewrite_module(hparams.layers[0])).shape[1]
+    keys_per_chunk = hparams.mom2_sample_length - bos_length
+    return min(hparams.mom2_n_samples, math.ceil(hparams.mom2_keys_per_dimension * d_in / keys_per_chunk))
 
 
 @torch.no_grad()
@@ -150,8 +164,8 @@ def load_or_compute_second_moments(
     if not missing:
         return result
     text = load_corpus_text(hparams.mom2_dataset, data_dir)
-    chunks = text_chunks(tok, text, hparams.mom2_n_samples, hparams.mom2_sample_length)
     bos_length = len(leading_special_ids(tok))
+    chunks = text_chunks(tok, text, chunks_needed(model, hparams, bos_length), hparams.mom2_sample_length)
     LOG.info("computing second moments of layers %s over %d chunks x %d tokens", missing, *chunks.shape)
     names = {layer: hparams.rewrite_module(layer) for layer in missing}
     moments = compute_second_moments(model, tok, list(names.values()), chunks, skip_positions=bos_length)

@@ -163,3 +163,18 @@ def test_rome_rank_one_update_hits_the_target(tiny_gpt2, tiny_tok, stats_dir):
     _, out = states_at_fact_tokens(tiny_gpt2, tiny_tok, [REQUESTS[0]["prompt"]], [REQUESTS[0]["subject"]],
                                    "subject_last", outputs_of=[hp.layer_module(2)])
     assert torch.allclose(out[hp.layer_module(2)][0], values.targets[0], atol=1e-3)
+
+
+def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stats_dir):
+    """``mom2_keys_per_dimension`` stops the statistics after that many keys per input dimension of the
+    rewrite module, and caches them apart from the full statistics."""
+    import torch as _torch
+
+    hp = make_hparams("llama", mom2_n_samples=40, mom2_sample_length=32, mom2_keys_per_dimension=2.0)
+    d_in = read_weight(tiny_llama, hp.rewrite_module(1)).shape[1]
+    load_or_compute_second_moments(tiny_llama, tiny_tok_bos, hp, [1], "tiny-llama")
+    saved = _torch.load(stats_file(stats_dir, "tiny-llama", hp, 1), weights_only=True)
+    keys = saved["n_tokens"] - saved["n_tokens"] // 32  # the BOS column holds no key
+    assert 2 * d_in <= keys < 2 * d_in + 31 and keys < 40 * 31
+    full = make_hparams("llama", mom2_n_samples=40, mom2_sample_length=32)
+    assert stats_file(stats_dir, "tiny-llama", hp, 1) != stats_file(stats_dir, "tiny-llama", full, 1)
