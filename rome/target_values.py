@@ -213,12 +213,13 @@ def compute_target_values(
     parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta, prefix_cache)
              for loop in loops]
     position = torch.argsort(torch.tensor(order))  # back to request order
+    loop_index = {i: k for k, loop in enumerate(loops) for i in loop}
     stacked = lambda name: torch.cat([getattr(p, name) for p in parts])[position.to(parts[0].targets.device)]
     flat = lambda name: [x for p in parts for x in getattr(p, name)]
     return TargetValues(
         targets=stacked("targets"), initial=stacked("initial"),
         steps=[flat("steps")[i] for i in position.tolist()], losses=[flat("losses")[i] for i in position.tolist()],
-        loops=len(parts), loop_of=[[k for k, loop in enumerate(loops) if i in loop][0] for i in range(len(requests))],
+        loops=len(parts), loop_of=[loop_index[i] for i in range(len(requests))],
         forward_rows=sum(p.forward_rows for p in parts), forward_tokens=sum(p.forward_tokens for p in parts),
     )
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.memit import MEMITHyperParams, apply_memit_to_model
+from baselines.memit import apply_memit_to_model
 from ece import ECEHyperParams, apply_ece_to_model
 from ece.cluster import cluster_requests, eigengap_cluster_count, jaccard_similarity, optimisation_loops
 from ece.explain import column_l1_norms, neuron_scores, select_neurons
@@ -16,7 +16,7 @@ from rome.target_values import compute_target_values
 from util.hparams import HParamsError
 from util.weights import read_weight
 
-from tests.test_editing_math import ARCH, REQUESTS, TEMPLATES, make_hparams, stats_dir  # noqa: F401
+from tests.test_editing_math import REQUESTS, TEMPLATES, make_hparams, stats_dir  # noqa: F401
 
 MORE_REQUESTS = REQUESTS + [
     {"case_id": 3, "prompt": "{} works in the field of", "subject": "Marie Curie",
