@@ -55,24 +55,6 @@ def chunks(items: Sequence, size: int):
         yield items[start : start + size]
 
 
-def prompt_target_batch(tok, prompts: Sequence[str], targets: Sequence[str], device=None, drop_last_target_token=False):
-    """Right-padded ``prompt + target`` token rows for teacher forcing.
-
-    Returns ``(input_ids, attention_mask, positions, target_tokens)`` where ``positions[i]`` are the
-    indices whose next-token logits predict ``target_tokens[i]``. With ``drop_last_target_token`` the
-    last target token is not fed in (it is only predicted), as in target-value optimisation.
-    """
-    rows, positions, wanted = [], [], []
-    for prompt, target in zip(prompts, targets):
-        p, t = prompt_ids(tok, prompt), target_ids(tok, target)
-        fed = t[:-1] if drop_last_target_token else t
-        rows.append(p + fed)
-        positions.append(list(range(len(p) - 1, len(p) - 1 + len(t))))
-        wanted.append(t)
-    ids, mask = pad_batch(tok, rows, device=device, side="right")
-    return ids, mask, positions, wanted
-
-
 def leading_special_ids(tok) -> List[int]:
     """Tokens the tokenizer puts in front of every text (a BOS token), possibly none."""
     with_special = tok("x")["input_ids"]

@@ -14,7 +14,8 @@ import torch
 from rome.locate_edit import EditReport, timed
 from util.hparams import HyperParams, require
 from util.models import model_device
-from util.tokens import chunks, prompt_target_batch
+from util.scoring import left_padded_logits, trailing_target_log_probs
+from util.tokens import chunks, prompt_ids, target_ids
 from util.weights import weight_parameter
 
 
@@ -61,14 +62,12 @@ def apply_ft_to_model(model, tok, requests, hparams: FTHyperParams, context=None
             for _ in range(hparams.num_steps):
                 total = 0.0
                 for batch in chunks(list(zip(prompts, targets)), hparams.batch_size):
-                    ids, mask, positions, wanted = prompt_target_batch(tok, *zip(*batch), device=device)
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                    rows = torch.tensor([r for r, pos in enumerate(positions) for _ in pos], device=logits.device)
-                    cols = torch.tensor([c for pos in positions for c in pos], device=logits.device)
-                    tokens = torch.tensor([t for w in wanted for t in w], device=logits.device)
-                    weights = torch.tensor([1.0 / len(w) for w in wanted for _ in w], device=logits.device)
-                    nll = -torch.log_softmax(logits[rows, cols].float(), -1).gather(1, tokens[:, None])[:, 0]
-                    loss = (nll * weights).sum() / len(batch)
+                    wanted = [target_ids(tok, t) for _, t in batch]
+                    rows = [prompt_ids(tok, p) + w for (p, _), w in zip(batch, wanted)]
+                    logits = left_padded_logits(model, tok, rows, max(map(len, wanted)) + 1, device)
+                    log_probs, row, _ = trailing_target_log_probs(logits, wanted)
+                    lengths = torch.tensor([len(w) for w in wanted], device=log_probs.device, dtype=log_probs.dtype)
+                    loss = -(log_probs / lengths[row]).sum() / len(batch)  # mean NLL per target, averaged
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
