@@ -43,7 +43,7 @@ class EditContext:
     data_dir: Optional[Path] = None
     seed: int = 0
     _templates: Dict[Tuple, List[List[str]]] = field(default_factory=dict)
-    _second_moments: Dict[Tuple, torch.Tensor] = field(default_factory=dict)
+    _second_moments: Dict[Path, torch.Tensor] = field(default_factory=dict)
 
     def context_templates(self, model, tok, length_params) -> List[List[str]]:
         key = tuple(tuple(p) for p in length_params)
@@ -53,10 +53,11 @@ class EditContext:
 
     def second_moments(self, model, tok, hparams, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
         """``{layer: C0}`` for the rewrite module of each layer, from memory, disk, or one new pass."""
-        from rome.layer_stats import load_or_compute_second_moments
+        from rome.layer_stats import load_or_compute_second_moments, stats_file
+        from util.paths import get_paths
 
-        key = lambda layer: (hparams.rewrite_module(layer), hparams.mom2_dataset, hparams.mom2_n_samples,
-                             hparams.mom2_sample_length, hparams.mom2_dtype)
+        # The cache file's path names every setting the statistics depend on.
+        key = lambda layer: stats_file(Path(self.stats_dir or get_paths().stats_dir), self.model_name, hparams, layer)
         missing = [layer for layer in layers if key(layer) not in self._second_moments]
         if missing:
             computed = load_or_compute_second_moments(

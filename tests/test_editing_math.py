@@ -178,3 +178,15 @@ def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stat
     assert 2 * d_in <= keys < 2 * d_in + 31 and keys < 40 * 31
     full = make_hparams("llama", mom2_n_samples=40, mom2_sample_length=32)
     assert stats_file(stats_dir, "tiny-llama", hp, 1) != stats_file(stats_dir, "tiny-llama", full, 1)
+
+
+def test_edit_context_keeps_statistics_of_different_settings_apart(tiny_llama, tiny_tok_bos, stats_dir):
+    """One run-scoped context serving two hparams that differ only in how many keys the statistics
+    hold (the benchmark's ``ALG:key=value`` rows) returns two different C0."""
+    context = EditContext("tiny-llama")
+    full = make_hparams("llama", mom2_n_samples=40, mom2_sample_length=32)
+    minimal = make_hparams("llama", mom2_n_samples=40, mom2_sample_length=32, mom2_keys_per_dimension=2.0)
+    first = context.second_moments(tiny_llama, tiny_tok_bos, full, [1])[1]
+    second = context.second_moments(tiny_llama, tiny_tok_bos, minimal, [1])[1]
+    assert not torch.equal(first, second)
+    assert context.second_moments(tiny_llama, tiny_tok_bos, full, [1])[1] is first  # from memory
