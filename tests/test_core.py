@@ -135,15 +135,26 @@ def test_trace_dict_stops_after_the_module_that_finishes_last(tiny_gpt2, tiny_to
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
 def test_continuation_scores_match_one_unpadded_forward_per_pair(request, tiny_tok_bos, fixture):
-    """Batched, left-padded scoring with logits only at the last positions equals scoring each pair
-    alone over the full logits (GPT-2's absolute positions included)."""
+    """Batched, left-padded scoring with logits only at the last positions, one-token targets after the
+    same prefix sharing a row, equals scoring each pair alone over the full logits (GPT-2's absolute
+    positions included)."""
     from util.scoring import continuation_scores
     from util.tokens import prompt_ids, target_ids
 
     model = request.getfixturevalue(fixture)
-    prefixes = ["The Eiffel Tower is in", "Paris", "A much longer prompt about the history of the city of"]
-    targets = ["Rome", "the capital of France", "Berlin"]
-    batched = continuation_scores(model, tiny_tok_bos, prefixes, targets)
+    shared = "The Eiffel Tower is in"
+    prefixes = [shared, "Paris", "A much longer prompt about the history of the city of", shared, shared]
+    targets = ["city", "the capital of France", "Berlin", "the", "the capital of France"]
+    assert [len(target_ids(tiny_tok_bos, t)) for t in targets] == [1, 8, 4, 1, 8]
+    rows = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        batched = continuation_scores(model, tiny_tok_bos, prefixes, targets, batch_size=2)
+    finally:
+        handle.remove()
+    # The two one-token targets after the shared prefix are read from one row.
+    assert sum(rows) == 4
     for prefix, target, score in zip(prefixes, targets, batched):
         p, t = prompt_ids(tiny_tok_bos, prefix), target_ids(tiny_tok_bos, target)
         with torch.no_grad():

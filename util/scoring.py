@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -41,15 +41,23 @@ def left_padded_logits(model, tok, rows: Sequence[Sequence[int]], keep: int, dev
     return model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -keep:]
 
 
-def trailing_target_log_probs(logits: torch.Tensor, targets: Sequence[Sequence[int]]):
+def trailing_target_log_probs(logits: torch.Tensor, targets: Sequence[Sequence[int]],
+                              rows: Optional[Sequence[int]] = None, ends: Optional[Sequence[int]] = None):
     """For rows that end with their target tokens (``left_padded_logits`` of ``prompt + target`` with
     ``keep > max target length``): ``(log_probs, row, correct)``, one entry per target token, where
     ``log_probs`` is the log-probability of the token (differentiable), ``row`` its row and ``correct``
-    whether it is the top-1 prediction."""
+    whether it is the top-1 prediction.
+
+    By default target ``j`` is read from row ``j`` and that row ends with all its tokens. ``rows`` maps
+    targets to rows instead (several targets may share one), and ``ends[j]`` says how many of target
+    ``j``'s tokens its row ends with: 0 for a row that is the prompt alone, read at its last position."""
     keep = logits.shape[1]
-    row = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=logits.device)
-    # The last len(t) tokens are predicted by the positions just before them.
-    position = torch.tensor([keep - len(t) - 1 + i for t in targets for i in range(len(t))], device=logits.device)
+    rows = range(len(targets)) if rows is None else rows
+    ends = [len(t) for t in targets] if ends is None else ends
+    row = torch.tensor([r for r, t in zip(rows, targets) for _ in t], device=logits.device)
+    # Token i of a target is predicted by the position just before it.
+    position = torch.tensor([keep - end - 1 + i for t, end in zip(targets, ends) for i in range(len(t))],
+                            device=logits.device)
     wanted = torch.tensor([token for t in targets for token in t], device=logits.device)
     log_softmax = torch.log_softmax(logits[row, position].float(), dim=-1)
     return log_softmax.gather(1, wanted[:, None])[:, 0], row, log_softmax.argmax(-1) == wanted
@@ -59,18 +67,36 @@ def trailing_target_log_probs(logits: torch.Tensor, targets: Sequence[Sequence[i
 def continuation_scores(
     model, tok, prefixes: Sequence[str], targets: Sequence[str], batch_size: int = 32
 ) -> List[ContinuationScore]:
-    """Score ``target`` (with a leading space) after ``prefix`` for each pair, batched."""
+    """Score ``target`` (with a leading space) after ``prefix`` for each pair, batched.
+
+    Pairs with one-token targets share one row per distinct prefix, the prefix alone read at its last
+    position, so the label words of a classification prompt cost one forward, not one per label."""
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     device = model_device(model)
     pairs = [(prompt_ids(tok, p), target_ids(tok, t)) for p, t in zip(prefixes, targets)]
-    results: List[ContinuationScore] = []
-    for batch in chunks(pairs, batch_size):
-        wanted = [t for _, t in batch]
-        logits = left_padded_logits(model, tok, [p + t for p, t in batch], max(map(len, wanted)) + 1, device)
-        log_probs, _, correct = trailing_target_log_probs(logits, wanted)
-        for nlls, hits in zip((-log_probs).split([len(t) for t in wanted]), correct.split([len(t) for t in wanted])):
-            results.append(ContinuationScore(nlls.tolist(), hits.tolist()))
+    row_tokens: List[List[int]] = []
+    row_pairs: List[List[int]] = []
+    shared_row: Dict[tuple, int] = {}
+    for i, (prefix, target) in enumerate(pairs):
+        if len(target) == 1 and tuple(prefix) in shared_row:
+            row_pairs[shared_row[tuple(prefix)]].append(i)
+            continue
+        if len(target) == 1:
+            shared_row[tuple(prefix)] = len(row_tokens)
+        row_tokens.append(prefix if len(target) == 1 else prefix + target)
+        row_pairs.append([i])
+    results: List[Optional[ContinuationScore]] = [None] * len(pairs)
+    for batch in chunks(range(len(row_tokens)), batch_size):
+        members = [(r, i) for r in batch for i in row_pairs[r]]
+        wanted = [pairs[i][1] for _, i in members]
+        ends = [0 if len(t) == 1 else len(t) for t in wanted]
+        keep = max(end + 1 for end in ends)
+        logits = left_padded_logits(model, tok, [row_tokens[r] for r in batch], keep, device)
+        log_probs, _, correct = trailing_target_log_probs(logits, wanted, [r - batch[0] for r, _ in members], ends)
+        lengths = [len(t) for t in wanted]
+        for (_, i), nlls, hits in zip(members, (-log_probs).split(lengths), correct.split(lengths)):
+            results[i] = ContinuationScore(nlls.tolist(), hits.tolist())
     return results
 
 
