@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,6 +44,14 @@ class EditContext:
     seed: int = 0
     _templates: Dict[Tuple, List[List[str]]] = field(default_factory=dict)
     _second_moments: Dict[Path, torch.Tensor] = field(default_factory=dict)
+    _derived: Dict[Hashable, Any] = field(default_factory=dict)
+
+    def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """What a method derives from the statistics (AlphaEdit's projectors), computed or read once per run.
+        ``key`` must name every setting the value depends on, as a cache file's path does."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def context_templates(self, model, tok, length_params) -> List[List[str]]:
         key = tuple(tuple(p) for p in length_params)

@@ -127,6 +127,21 @@ def test_alphaedit_leaves_preserved_keys_alone_where_memit_does_not(request, arc
         assert (memit_change @ preserved).norm() > 0.1 * unedited_outputs
 
 
+def test_alphaedit_reads_its_projectors_once_per_run_and_per_threshold(tiny_gpt2, tiny_tok, stats_dir, monkeypatch):
+    import baselines.alphaedit.alphaedit_main as alphaedit_main
+
+    real, calls = alphaedit_main.load_or_compute_projectors, []
+    monkeypatch.setattr(alphaedit_main, "load_or_compute_projectors",
+                        lambda model, hp, *a, **k: calls.append(hp.nullspace_threshold) or real(model, hp, *a, **k))
+    context, state = fixed_context(), SequentialState()
+    hp = make_hparams("gpt2", cls=AlphaEditHyperParams, nullspace_threshold=1e-4, z_requests_per_loop=3)
+    for _ in range(2):
+        apply_alphaedit_to_model(tiny_gpt2, tiny_tok, REQUESTS, hp, context, state)
+    other = make_hparams("gpt2", cls=AlphaEditHyperParams, nullspace_threshold=2e-4, z_requests_per_loop=3)
+    apply_alphaedit_to_model(tiny_gpt2, tiny_tok, REQUESTS, other, context, state)
+    assert state.rounds == 3 and calls == [1e-4, 2e-4]
+
+
 # -- PRUNE ----------------------------------------------------------------------------------------
 
 def test_restrain_edit_on_known_singular_values():

@@ -113,7 +113,11 @@ def apply_alphaedit_to_model(
 ) -> EditReport:
     """Edit ``model`` in place; pass ``state`` for sequential editing (``C_prev`` of earlier rounds)."""
     def make_solver(hp, second_moments, st):
-        projectors = load_or_compute_projectors(model, hp, second_moments, context.model_name, context.stats_dir)
+        # Kept for the run, so sequential rounds do not reread (d_in x d_in per layer) from disk.
+        stats_dir = Path(context.stats_dir or get_paths().stats_dir)
+        key = tuple(projector_file(stats_dir, context.model_name, hp, layer) for layer in hp.layers)
+        projectors = context.derived(key, lambda: load_or_compute_projectors(
+            model, hp, second_moments, context.model_name, context.stats_dir))
         return alphaedit_solver(hp, projectors, st)
 
     return locate_and_edit(model, tok, requests, hparams, context, state, make_solver=make_solver,
