@@ -167,8 +167,8 @@ def _with_prefix_cache(model, tok, batch: _Batch) -> _Batch:
     suffix_mask = (positions < lengths[:, None]).long()
     gathered = batch.input_ids.gather(1, positions.clamp(max=batch.input_ids.shape[1] - 1))
     suffix_ids = torch.where(suffix_mask.bool(), gathered, pad)
-    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
-                **{k: v for k, v in hidden_states_only_kwargs(model).items() if k != "use_cache"})
+    # The decoder alone: only the keys and values are needed, not the output head.
+    out = model.get_decoder()(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
     cache = out.get("cache", None) or out.get("past_key_values", None)  # transformers 5 / 4 names
     if not isinstance(cache, DynamicCache):
         raise TypeError(f"{type(model).__name__} returned no DynamicCache to reuse; set \"z_prefix_cache\": false in the hparams file")
@@ -245,7 +245,6 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     steps = torch.zeros(n, dtype=torch.long)
     last_loss = torch.zeros(n)
     forward_rows = forward_tokens = 0
-    stops_early = hparams.v_loss_layer < model.config.num_hidden_layers - 1
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
         nonlocal initial
@@ -267,7 +266,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
         with ExitStack() as stack:
             stack.enter_context(Trace(model, hparams.layer_module(z_layer), retain_output=False, edit_output=add_delta))
             loss_trace = stack.enter_context(
-                Trace(model, loss_module_name, retain_output=True, detach=False, stop=stops_early)
+                Trace(model, loss_module_name, retain_output=True, detach=False, stop=True)
             )
             model(**_forward_kwargs(model, batch))
         forward_rows += len(batch.input_ids)

@@ -211,10 +211,21 @@ def load_model_and_tokenizer(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    make_output_head_input_contiguous(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.name_or_path = model_name
     return model, tok
+
+
+def make_output_head_input_contiguous(model: torch.nn.Module) -> None:
+    """Give the output head a contiguous input. For ``logits_to_keep`` transformers passes the last
+    positions as a strided view; on the CPU torch multiplies such a ``[batch, k, hidden]`` view by the
+    ``[vocab, hidden]`` head as a batched product with the weight expanded per row, 5-10x slower than the
+    same product on a contiguous copy (SmolLM2's head: 2.4-2.7 against 12-23 GFLOP/s, 1 thread)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
