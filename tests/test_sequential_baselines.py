@@ -275,3 +275,48 @@ def test_registered_with_hparams_files_for_every_model(name, extra):
         assert {k: getattr(hp, k) for k in extra} == extra
         assert hp.layers == memit.layers and hp.v_lr == memit.v_lr
         assert hp.z_requests_per_loop == (20 if model == "smollm2-135m" else 1)
+
+
+# -- Drift on generic text ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path):
+    """No edit: no change and the same perplexity. W -> (1 + eps) W: every key's output moves by exactly eps.
+    A change orthogonal to every key moves nothing, although the weights changed."""
+    from experiments.edit_drift import edit_drift, load_run
+    from experiments.evaluate import RunError
+    from util.hooks import TraceDict
+    from util.weights import load_weights, weight_parameter
+
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch)
+    names = [hp.rewrite_module(layer) for layer in hp.layers]
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    stored = {name: weight_parameter(model, name).detach().clone() for name in names}
+
+    same = edit_drift(model, ids, stored, batch_size=2)
+    assert all(v == 0.0 for v in same["relative_output_change"].values())
+    assert same["perplexity_edited"] == pytest.approx(same["perplexity_unedited"], rel=1e-6)
+
+    scaled = edit_drift(model, ids, {n: 1.1 * w for n, w in stored.items()}, batch_size=2)
+    assert all(v == pytest.approx(0.1, rel=1e-6) for v in scaled["relative_output_change"].values())
+    assert scaled["perplexity_edited"] != scaled["perplexity_unedited"]
+    assert all(torch.equal(weight_parameter(model, n), w) for n, w in stored.items())  # put back
+
+    # A rank-one change along a direction that none of these keys has: the weights move, the outputs do not.
+    name = names[0]
+    with TraceDict(model, [name], retain_input=True) as traces, torch.no_grad():
+        model(input_ids=ids)
+    keys = traces[name].input.flatten(0, -2).double()
+    assert keys.shape[0] < keys.shape[1]
+    unseen = torch.linalg.svd(keys, full_matrices=True).Vh[-1]
+    delta = torch.ones(read_weight(model, name).shape[0], 1, dtype=torch.float64) @ unseen[None]
+    add_to_weight(model, name, delta.float())
+    moved = {name: weight_parameter(model, name).detach().clone()}
+    load_weights(model, {name: stored[name]})
+    orthogonal = edit_drift(model, ids, moved, batch_size=5)
+    assert (moved[name] - stored[name]).abs().max() > 0.05
+    assert orthogonal["relative_output_change"][name] < 1e-5
+
+    with pytest.raises(RunError, match="sequential_state.pt"):
+        load_run(tmp_path)

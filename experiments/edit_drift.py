@@ -1,0 +1,142 @@
+"""How much a sequential run disturbed the model on generic text, the quantity AlphaEdit's null space protects.
+
+For each run folder (its ``sequential_state.pt`` holds the edited weights after the last round) and
+WikiText chunks that the statistics did not use (the ones after the first ``mom2_n_samples``):
+
+- the relative change of each edited module's output on the unedited model's keys,
+  ``sqrt(sum ||dW k||^2 / sum ||W k||^2)`` over all tokens: 0 when the edit leaves generic keys alone;
+- the perplexity of the unedited and of the edited model on the same chunks.
+
+    python experiments/edit_drift.py --model_name smollm2-135m --run_dirs results/AlphaEdit/run_000 \\
+        results/MEMIT_seq/run_000 --n_samples 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.evaluate import RunError  # noqa: E402
+from rome.layer_stats import load_corpus_text, text_chunks  # noqa: E402
+from util.hooks import TraceDict  # noqa: E402
+from util.io import atomic_write_json  # noqa: E402
+from util.models import load_model_and_tokenizer, model_device  # noqa: E402
+from util.tokens import chunks  # noqa: E402
+from util.weights import read_weight, temporarily_loaded  # noqa: E402
+
+LOG = logging.getLogger(__name__)
+
+
+def load_run(run_dir: Path) -> tuple:
+    """``(params, edited weights)`` of a finished sequential run folder."""
+    state_file, params_file = run_dir / "sequential_state.pt", run_dir / "params.json"
+    if not state_file.exists() or not params_file.exists():
+        raise RunError(f"{run_dir} has no sequential_state.pt and params.json: give the folder of a sequential "
+                       "run (evaluate.py with a sequential method or --sequential)")
+    weights = torch.load(state_file, map_location="cpu", weights_only=True)["weights"]
+    return json.loads(params_file.read_text()), weights
+
+
+@torch.no_grad()
+def edit_drift(model, token_chunks: torch.Tensor, edited: Dict[str, torch.Tensor], batch_size: int = 8) -> dict:
+    """Relative output change per edited module (on the unedited model's keys) and perplexity before/after."""
+    names = list(edited)
+    device = model_device(model)
+    unedited = {name: read_weight(model, name).detach().double() for name in names}
+    with temporarily_loaded(model, edited):
+        change = {name: read_weight(model, name).detach().double() - unedited[name] for name in names}
+    moved = dict.fromkeys(names, 0.0)
+    total = dict.fromkeys(names, 0.0)
+    nll = {"unedited": 0.0, "edited": 0.0}
+    tokens = 0
+    for rows in chunks(range(len(token_chunks)), batch_size):
+        ids = token_chunks[list(rows)].to(device)
+        with TraceDict(model, names, retain_input=True) as traces:
+            logits = model(input_ids=ids).logits
+        nll["unedited"] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        for name in names:
+            keys = traces[name].input.flatten(0, -2).to(change[name].device, torch.float64)
+            moved[name] += float((keys @ change[name].T).pow(2).sum())
+            total[name] += float((keys @ unedited[name].T).pow(2).sum())
+        with temporarily_loaded(model, edited):
+            logits = model(input_ids=ids).logits
+        nll["edited"] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        tokens += ids[:, 1:].numel()
+    return {
+        "relative_output_change": {name: (moved[name] / total[name]) ** 0.5 for name in names},
+        "perplexity_unedited": float(torch.tensor(nll["unedited"] / tokens).exp()),
+        "perplexity_edited": float(torch.tensor(nll["edited"] / tokens).exp()),
+        "tokens": tokens,
+    }
+
+
+def generic_chunks(tok, skip: int, n_samples: int, sample_length: int, data_dir=None) -> torch.Tensor:
+    """WikiText chunks ``skip .. skip + n_samples``: after those the statistics were computed on."""
+    available = text_chunks(tok, load_corpus_text("wikitext", data_dir), skip + n_samples, sample_length)
+    if len(available) < skip + n_samples:
+        raise RunError(f"WikiText has {len(available)} chunks of {sample_length} tokens, fewer than the {skip} used "
+                       f"for the statistics plus {n_samples}; lower --n_samples")
+    return available[skip:]
+
+
+def print_table(rows: List[dict]) -> None:
+    names = list(rows[0]["relative_output_change"])
+    short = [n.split(".")[-3] if n.count(".") >= 3 else n for n in names]
+    print(f"{'run':<34}{'edits':>6}{'ppl before':>11}{'ppl after':>10}" + "".join(f"{'layer ' + s:>10}" for s in short))
+    for r in rows:
+        changes = "".join(f"{100 * r['relative_output_change'].get(n, float('nan')):9.2f}%" for n in names)
+        print(f"{r['run']:<34}{r['edits']:>6}{r['perplexity_unedited']:11.3f}{r['perplexity_edited']:10.3f}{changes}")
+    print("layer columns: relative change of the edited module's output on generic-text keys, "
+          "sqrt(sum ||dW k||^2 / sum ||W k||^2)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", default="smollm2-135m")
+    parser.add_argument("--run_dirs", nargs="+", required=True, help="folders of finished sequential runs")
+    parser.add_argument("--n_samples", type=int, default=64, help="WikiText chunks after the statistics' ones")
+    parser.add_argument("--sample_length", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--data_dir", default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> List[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    runs = [(Path(d), *load_run(Path(d))) for d in args.run_dirs]  # fail before loading the model
+    model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
+    rows = []
+    for run_dir, params, weights in tqdm(runs, desc="runs", unit="run"):
+        if params.get("model_name") != args.model_name:
+            raise RunError(f"{run_dir} edited {params.get('model_name')!r}, not {args.model_name!r}")
+        skip = int(params.get("hparams", {}).get("mom2_n_samples", 0))
+        token_chunks = generic_chunks(tok, skip, args.n_samples, args.sample_length, args.data_dir)
+        result = edit_drift(model, token_chunks, weights, args.batch_size)
+        edits = len([f for f in run_dir.glob("*_edits-case_*.json")])
+        rows.append({"run": f"{params.get('alg_name')}/{run_dir.name}", "edits": edits, **result})
+    print_table(rows)
+    if args.out:
+        atomic_write_json(Path(args.out), {"model": args.model_name, "n_samples": args.n_samples, "rows": rows}, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
