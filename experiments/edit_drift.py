@@ -5,6 +5,7 @@ WikiText chunks that the statistics did not use (the ones after the first ``mom2
 
 - the relative change of each edited module's output on the unedited model's keys,
   ``sqrt(sum ||dW k||^2 / sum ||W k||^2)`` over all tokens: 0 when the edit leaves generic keys alone;
+- the largest singular value of each accumulated edit over the unedited weight's (PRUNE's bound is 1);
 - the perplexity of the unedited and of the edited model on the same chunks.
 
     python experiments/edit_drift.py --model_name smollm2-135m --run_dirs results/AlphaEdit/run_000 \\
@@ -74,6 +75,8 @@ def edit_drift(model, token_chunks: torch.Tensor, edited: Dict[str, torch.Tensor
         tokens += ids[:, 1:].numel()
     return {
         "relative_output_change": {name: (moved[name] / total[name]) ** 0.5 for name in names},
+        "edit_spectral_ratio": {name: float(torch.linalg.matrix_norm(change[name], 2) / torch.linalg.matrix_norm(
+            unedited[name], 2)) for name in names},
         "perplexity_unedited": float(torch.tensor(nll["unedited"] / tokens).exp()),
         "perplexity_edited": float(torch.tensor(nll["edited"] / tokens).exp()),
         "tokens": tokens,
@@ -92,12 +95,15 @@ def generic_chunks(tok, skip: int, n_samples: int, sample_length: int, data_dir=
 def print_table(rows: List[dict]) -> None:
     names = list(rows[0]["relative_output_change"])
     short = [n.split(".")[-3] if n.count(".") >= 3 else n for n in names]
-    print(f"{'run':<34}{'edits':>6}{'ppl before':>11}{'ppl after':>10}" + "".join(f"{'layer ' + s:>10}" for s in short))
+    print(f"{'run':<34}{'edits':>6}{'ppl before':>11}{'ppl after':>10}{'s(dW)/s(W)':>11}" + "".join(f"{'layer ' + s:>10}" for s in short))
     for r in rows:
         changes = "".join(f"{100 * r['relative_output_change'].get(n, float('nan')):9.2f}%" for n in names)
-        print(f"{r['run']:<34}{r['edits']:>6}{r['perplexity_unedited']:11.3f}{r['perplexity_edited']:10.3f}{changes}")
+        ratio = max(r["edit_spectral_ratio"].values())
+        print(f"{r['run']:<34}{r['edits']:>6}{r['perplexity_unedited']:11.3f}{r['perplexity_edited']:10.3f}"
+              f"{ratio:11.3f}{changes}")
     print("layer columns: relative change of the edited module's output on generic-text keys, "
-          "sqrt(sum ||dW k||^2 / sum ||W k||^2)")
+          "sqrt(sum ||dW k||^2 / sum ||W k||^2); max s(dW)/s(W): the largest singular value of the accumulated "
+          "edit over the weight's, highest over the layers (PRUNE restrains above 1)")
 
 
 def parse_args(argv=None):

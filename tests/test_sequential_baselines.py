@@ -300,6 +300,7 @@ def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path):
 
     scaled = edit_drift(model, ids, {n: 1.1 * w for n, w in stored.items()}, batch_size=2)
     assert all(v == pytest.approx(0.1, rel=1e-6) for v in scaled["relative_output_change"].values())
+    assert all(v == pytest.approx(0.1, rel=1e-6) for v in scaled["edit_spectral_ratio"].values())
     assert scaled["perplexity_edited"] != scaled["perplexity_unedited"]
     assert all(torch.equal(weight_parameter(model, n), w) for n, w in stored.items())  # put back
 
