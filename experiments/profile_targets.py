@@ -1,9 +1,12 @@
 """Where the target-value stage spends its time: one fact per loop (MEMIT) against all facts in one loop (ECE).
 
-Both schedules optimise the same requests for the same fixed number of steps (early stopping off, so the
-work is equal) under ``torch.profiler``. Each operator's own time goes to a category (matrix products,
-attention, normalisation and activations, the Adam step, data movement, ...), and the matrix products'
-FLOPs give their achieved rate, next to a plain large matrix product on the same machine:
+Both schedules optimise requests for the same fixed number of steps (early stopping off, so the work per
+fact is equal) under ``torch.profiler``: all ``--num_edits`` facts in one loop, and the first
+``--per_fact_sample`` of them one loop each (every per-fact loop is alike, and the profiler's memory
+grows with every operator it records: about 0.2 GB per profiled step of this model). Each operator's
+own time goes to a category (matrix products, attention, normalisation and activations, the Adam step,
+data movement, ...), and the matrix products' FLOPs give their achieved rate, next to a plain large
+matrix product on the same machine:
 
     python experiments/profile_targets.py --model_name smollm2-135m --num_edits 20 --steps 5
 
@@ -85,8 +88,9 @@ def profile_schedule(model, tok, requests, hparams, templates, requests_per_loop
         label = category(event.key)
         seconds[label] += event.self_cpu_time_total / 1e6
         flops[label] += event.flops or 0.0
-    return {"requests_per_loop": requests_per_loop, "loops": values.loops, "steps": sum(values.steps),
-            "forward_tokens": values.forward_tokens, "wall_seconds": wall, "profiled_seconds": sum(seconds.values()),
+    return {"requests_per_loop": requests_per_loop, "facts": len(requests), "loops": values.loops,
+            "forward_tokens": values.forward_tokens, "wall_seconds": wall,
+            "seconds_per_fact_step": wall / (len(requests) * hparams.v_num_grad_steps), "profiled_seconds": sum(seconds.values()),
             "seconds": dict(seconds), "gflop": {k: v / 1e9 for k, v in flops.items() if v}, "top_ops": top}
 
 
@@ -94,7 +98,9 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
     labels = CATEGORIES
     names = [f"{r['requests_per_loop'] or 'all'} per loop" for r in rows]
     print(f"{'':<22}" + "".join(f"{n:>24}" for n in names))
+    print(f"{'facts':<22}" + "".join(f"{r['facts']:24d}" for r in rows))
     print(f"{'wall seconds':<22}" + "".join(f"{r['wall_seconds']:24.1f}" for r in rows))
+    print(f"{'s per fact and step':<22}" + "".join(f"{r['seconds_per_fact_step']:24.3f}" for r in rows))
     print(f"{'loops / tokens':<22}" + "".join(f"{str(r['loops']) + ' / ' + str(r['forward_tokens']):>24}" for r in rows))
     for label in labels:
         cells = []
@@ -118,14 +124,15 @@ def parse_args(argv=None):
     parser.add_argument("--hparams_fname", default=None, help="MEMIT hparams (default <model_name>.json)")
     parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
     parser.add_argument("--num_edits", type=int, default=20)
+    parser.add_argument("--per_fact_sample", type=int, default=4, help="facts profiled in one loop each")
     parser.add_argument("--steps", type=int, default=5, help="optimisation steps per loop (early stopping off)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
-    if args.num_edits < 1 or args.steps < 1:
-        parser.error("--num_edits and --steps must be >= 1")
+    if min(args.num_edits, args.steps, args.per_fact_sample) < 1:
+        parser.error("--num_edits, --steps and --per_fact_sample must be >= 1")
     return args
 
 
@@ -145,9 +152,11 @@ def main(argv=None) -> dict:
     templates = EditContext(args.model_name, data_dir=args.data_dir).context_templates(
         model, tok, hparams.context_template_length_params)
     matmul = matmul_rate(args.device, parse_dtype(args.dtype, args.device))
-    rows = [profile_schedule(model, tok, requests, hparams, templates, per_loop) for per_loop in (1, None)]
+    rows = [profile_schedule(model, tok, requests[: args.per_fact_sample], hparams, templates, 1),
+            profile_schedule(model, tok, requests, hparams, templates, None)]
     print_table(rows, matmul)
-    result = {"model": args.model_name, "num_edits": args.num_edits, "steps": args.steps,
+    result = {"model": args.model_name, "num_edits": args.num_edits, "per_fact_sample": args.per_fact_sample,
+              "steps": args.steps,
               "torch_threads": torch.get_num_threads(), "matmul_gflops_per_second": matmul, "rows": rows}
     if args.out:
         atomic_write_json(Path(args.out), result, indent=2)
