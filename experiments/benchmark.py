@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.evaluate import (Evaluator, RunError, load_records, record_to_request, resolve_hparams_path,  # noqa: E402
-                                  set_seed)
+                                  run_script, set_seed)
 from rome.context import EditContext  # noqa: E402
 from rome.sequential import SequentialState  # noqa: E402
 from summarize import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
@@ -250,12 +250,7 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except (RunError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(main, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.evaluate import RunError  # noqa: E402
+from experiments.evaluate import RunError, run_script  # noqa: E402
 from rome.layer_stats import load_corpus_text, text_chunks  # noqa: E402
 from util.hooks import TraceDict  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
@@ -141,8 +141,4 @@ def main(argv=None) -> List[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RunError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -303,17 +303,23 @@ class DownstreamSchedule:
         write_downstream_result(self.run_dir, edit_count, result, rounds_done)
 
 
-def cli(argv=None) -> int:
+def run_script(main: Callable, argv=None, on_interrupt: Optional[str] = None) -> int:
+    """Run a script's ``main(argv)``: bad input ends with its message and exit status 2, not a traceback."""
     try:
         main(argv)
     except (RunError, HParamsError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
-        logging.getLogger("evaluate").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: every finished case file is on disk; resume with --continue_from_run", file=sys.stderr)
+        if on_interrupt is None:
+            raise
+        print(on_interrupt, file=sys.stderr)
         return 130
     return 0
+
+
+def cli(argv=None) -> int:
+    return run_script(main, argv, "interrupted: every finished case file is on disk; resume with --continue_from_run")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines.memit import MEMITHyperParams  # noqa: E402
 from experiments.benchmark import matmul_rate  # noqa: E402
-from experiments.evaluate import RunError, load_records, record_to_request, resolve_hparams_path  # noqa: E402
+from experiments.evaluate import RunError, load_records, record_to_request, resolve_hparams_path, run_script  # noqa: E402
 from experiments.algorithms import get_algorithm  # noqa: E402
 from rome.context import EditContext  # noqa: E402
 from rome.target_values import compute_target_values  # noqa: E402
@@ -164,8 +164,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RunError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main))
