@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,38 +49,47 @@ def load_run(run_dir: Path) -> tuple:
 
 
 @torch.no_grad()
-def edit_drift(model, token_chunks: torch.Tensor, edited: Dict[str, torch.Tensor], batch_size: int = 8) -> dict:
-    """Relative output change per edited module (on the unedited model's keys) and perplexity before/after."""
-    names = list(edited)
+def edit_drift(model, token_chunks: torch.Tensor, edited_runs: Sequence[Dict[str, torch.Tensor]],
+               batch_size: int = 8) -> List[dict]:
+    """For each run's edited weights: the relative output change of every edited module (on the unedited
+    model's keys) and the perplexity before and after. One unedited forward per batch serves all runs."""
+    names = list(dict.fromkeys(name for edited in edited_runs for name in edited))
     device = model_device(model)
     unedited = {name: read_weight(model, name).detach().double() for name in names}
-    with temporarily_loaded(model, edited):
-        change = {name: read_weight(model, name).detach().double() - unedited[name] for name in names}
-    moved = dict.fromkeys(names, 0.0)
+    changes = []
+    for edited in edited_runs:
+        with temporarily_loaded(model, edited):
+            changes.append({name: read_weight(model, name).detach().double() - unedited[name] for name in edited})
     total = dict.fromkeys(names, 0.0)
-    nll = {"unedited": 0.0, "edited": 0.0}
-    tokens = 0
-    for rows in chunks(range(len(token_chunks)), batch_size):
+    moved = [dict.fromkeys(change, 0.0) for change in changes]
+    nll_unedited, nll_edited, tokens = 0.0, [0.0] * len(edited_runs), 0
+
+    def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+
+    batches = list(chunks(range(len(token_chunks)), batch_size))
+    for rows in tqdm(batches, desc=f"drift of {len(edited_runs)} runs", unit="batch"):
         ids = token_chunks[list(rows)].to(device)
         with TraceDict(model, names, retain_input=True) as traces:
-            logits = model(input_ids=ids).logits
-        nll["unedited"] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+            nll_unedited += summed_nll(model(input_ids=ids).logits, ids)
+        keys = {name: traces[name].input.flatten(0, -2).to(unedited[name].device, torch.float64) for name in names}
         for name in names:
-            keys = traces[name].input.flatten(0, -2).to(change[name].device, torch.float64)
-            moved[name] += float((keys @ change[name].T).pow(2).sum())
-            total[name] += float((keys @ unedited[name].T).pow(2).sum())
-        with temporarily_loaded(model, edited):
-            logits = model(input_ids=ids).logits
-        nll["edited"] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+            total[name] += float((keys[name] @ unedited[name].T).pow(2).sum())
+        for run, (edited, change) in enumerate(zip(edited_runs, changes)):
+            for name in change:
+                moved[run][name] += float((keys[name] @ change[name].T).pow(2).sum())
+            with temporarily_loaded(model, edited):
+                nll_edited[run] += summed_nll(model(input_ids=ids).logits, ids)
         tokens += ids[:, 1:].numel()
-    return {
-        "relative_output_change": {name: (moved[name] / total[name]) ** 0.5 for name in names},
+    perplexity = lambda nll: float(torch.tensor(nll / tokens).exp())
+    return [{
+        "relative_output_change": {name: (moved[run][name] / total[name]) ** 0.5 for name in change},
         "edit_spectral_ratio": {name: float(torch.linalg.matrix_norm(change[name], 2) / torch.linalg.matrix_norm(
-            unedited[name], 2)) for name in names},
-        "perplexity_unedited": float(torch.tensor(nll["unedited"] / tokens).exp()),
-        "perplexity_edited": float(torch.tensor(nll["edited"] / tokens).exp()),
+            unedited[name], 2)) for name in change},
+        "perplexity_unedited": perplexity(nll_unedited),
+        "perplexity_edited": perplexity(nll_edited[run]),
         "tokens": tokens,
-    }
+    } for run, change in enumerate(changes)]
 
 
 def generic_chunks(tok, skip: int, n_samples: int, sample_length: int, data_dir=None) -> torch.Tensor:
@@ -124,16 +133,22 @@ def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     runs = [(Path(d), *load_run(Path(d))) for d in args.run_dirs]  # fail before loading the model
-    model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
-    rows = []
-    for run_dir, params, weights in tqdm(runs, desc="runs", unit="run"):
+    for run_dir, params, _ in runs:
         if params.get("model_name") != args.model_name:
             raise RunError(f"{run_dir} edited {params.get('model_name')!r}, not {args.model_name!r}")
-        skip = int(params.get("hparams", {}).get("mom2_n_samples", 0))
+    model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
+    # Runs whose statistics used the same number of chunks share the text and the unedited forwards.
+    by_skip: Dict[int, List[int]] = {}
+    for index, (_, params, _) in enumerate(runs):
+        by_skip.setdefault(int(params.get("hparams", {}).get("mom2_n_samples", 0)), []).append(index)
+    results: Dict[int, dict] = {}
+    for skip, indices in by_skip.items():
         token_chunks = generic_chunks(tok, skip, args.n_samples, args.sample_length, args.data_dir)
-        result = edit_drift(model, token_chunks, weights, args.batch_size)
-        edits = len([f for f in run_dir.glob("*_edits-case_*.json")])
-        rows.append({"run": f"{params.get('alg_name')}/{run_dir.name}", "edits": edits, **result})
+        drifts = edit_drift(model, token_chunks, [runs[i][2] for i in indices], args.batch_size)
+        results.update(zip(indices, drifts))
+    rows = [{"run": f"{params.get('alg_name')}/{run_dir.name}",
+             "edits": len(list(run_dir.glob("*_edits-case_*.json"))), **results[index]}
+            for index, (run_dir, params, _) in enumerate(runs)]
     print_table(rows)
     if args.out:
         atomic_write_json(Path(args.out), {"model": args.model_name, "n_samples": args.n_samples, "rows": rows}, indent=2)

@@ -90,19 +90,19 @@ def profile_schedule(model, tok, requests, hparams, templates, requests_per_loop
         flops[label] += event.flops or 0.0
     return {"requests_per_loop": requests_per_loop, "facts": len(requests), "loops": values.loops,
             "forward_tokens": values.forward_tokens, "wall_seconds": wall,
-            "seconds_per_fact_step": wall / (len(requests) * hparams.v_num_grad_steps), "profiled_seconds": sum(seconds.values()),
+            "seconds_per_fact_step": wall / (len(requests) * hparams.v_num_grad_steps),
+            "profiled_seconds": sum(seconds.values()),
             "seconds": dict(seconds), "gflop": {k: v / 1e9 for k, v in flops.items() if v}, "top_ops": top}
 
 
 def print_table(rows: List[dict], matmul_gflops: float) -> None:
-    labels = CATEGORIES
     names = [f"{r['requests_per_loop'] or 'all'} per loop" for r in rows]
     print(f"{'':<22}" + "".join(f"{n:>24}" for n in names))
     print(f"{'facts':<22}" + "".join(f"{r['facts']:24d}" for r in rows))
     print(f"{'wall seconds':<22}" + "".join(f"{r['wall_seconds']:24.1f}" for r in rows))
     print(f"{'s per fact and step':<22}" + "".join(f"{r['seconds_per_fact_step']:24.3f}" for r in rows))
     print(f"{'loops / tokens':<22}" + "".join(f"{str(r['loops']) + ' / ' + str(r['forward_tokens']):>24}" for r in rows))
-    for label in labels:
+    for label in CATEGORIES:
         cells = []
         for r in rows:
             s = r["seconds"].get(label, 0.0)

@@ -294,11 +294,10 @@ def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path):
     ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
     stored = {name: weight_parameter(model, name).detach().clone() for name in names}
 
-    same = edit_drift(model, ids, stored, batch_size=2)
+    same, scaled = edit_drift(model, ids, [stored, {n: 1.1 * w for n, w in stored.items()}], batch_size=2)
     assert all(v == 0.0 for v in same["relative_output_change"].values())
     assert same["perplexity_edited"] == pytest.approx(same["perplexity_unedited"], rel=1e-6)
 
-    scaled = edit_drift(model, ids, {n: 1.1 * w for n, w in stored.items()}, batch_size=2)
     assert all(v == pytest.approx(0.1, rel=1e-6) for v in scaled["relative_output_change"].values())
     assert all(v == pytest.approx(0.1, rel=1e-6) for v in scaled["edit_spectral_ratio"].values())
     assert scaled["perplexity_edited"] != scaled["perplexity_unedited"]
@@ -315,7 +314,7 @@ def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path):
     add_to_weight(model, name, delta.float())
     moved = {name: weight_parameter(model, name).detach().clone()}
     load_weights(model, {name: stored[name]})
-    orthogonal = edit_drift(model, ids, moved, batch_size=5)
+    (orthogonal,) = edit_drift(model, ids, [moved], batch_size=5)
     assert (moved[name] - stored[name]).abs().max() > 0.05
     assert orthogonal["relative_output_change"][name] < 1e-5
 
