@@ -27,7 +27,7 @@ from rome.context import EditContext
 from rome.fact_tokens import states_at_fact_tokens
 from rome.locate_edit import EditReport, second_moments_or_identity, timed
 from rome.sequential import SequentialState
-from rome.target_values import compute_target_values
+from rome.target_values import compute_target_values, default_requests_per_loop
 from rome.update import Solver, least_squares_delta, spread_update_over_layers
 
 LOG = logging.getLogger(__name__)
@@ -55,6 +55,14 @@ def restricted_solver(hparams, second_moments, state: Optional[SequentialState],
         return delta
 
     return solve
+
+
+def loop_size(model, hparams: ECEHyperParams) -> Optional[int]:
+    """Most requests per target loop: ``z_batch_size``, else the device's best size for independent
+    deltas (splitting a cluster changes nothing then); a shared delta keeps its cluster whole."""
+    if hparams.z_batch_size is not None or hparams.z_mode == "shared":
+        return hparams.z_batch_size
+    return default_requests_per_loop(model)
 
 
 def remaining_errors(model, tok, requests, hparams, targets: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,7 @@ def apply_ece_to_model(
     with timed(report.seconds, "cluster"):
         labels = cluster_requests(own_sets, hparams.n_clusters, hparams.max_clusters, seed=context.seed,
                                   width=scores[layers[0]].shape[1])
-        loops = optimisation_loops(labels, hparams.z_batch_size)
+        loops = optimisation_loops(labels, loop_size(model, hparams))
     LOG.info("ECE_%s: %d requests in %d clusters (%d loops); neurons selected per layer %s", method, len(requests),
              int(labels.max()) + 1 if len(labels) else 0, len(loops), {l: len(s) for l, s in selected.items()})
     with timed(report.seconds, "target_values"):

@@ -20,7 +20,8 @@ class ECEHyperParams(LocateEditHyperParams):
     n_clusters: Optional[int] = None
     max_clusters: int = 10
     # Batch-optimise: one delta per request, or one per cluster (ablation); at most z_batch_size
-    # requests per loop (None: a cluster is one loop whatever its size).
+    # requests per loop. None: a cluster is one loop on a GPU; on a CPU, per_request clusters are split
+    # into loops of rome.target_values.CPU_REQUESTS_PER_LOOP (the fastest size there; same values).
     z_mode: str = "per_request"
     z_batch_size: Optional[int] = None
     # Refinement: extra passes of the layer loop for requests whose remaining error ||z - h|| lies

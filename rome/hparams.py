@@ -40,6 +40,9 @@ class LocateEditHyperParams(HyperParams):
     # Speed only, same values: compute the tokens before each fact token once per target loop
     # instead of at every optimisation step (false: the published implementations' cost).
     z_prefix_cache: bool = True
+    # Speed only, same values: compute the layers up to the last edited one once per target loop (no
+    # step changes their output) and run only the layers above it at every step.
+    z_below_cache: bool = True
     # Accepted for compatibility with MEMIT's files; the model's output-embedding module is used.
     layer_selection: Optional[str] = None
     lm_head_module: Optional[str] = None

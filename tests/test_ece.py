@@ -1,5 +1,6 @@
 """ECE on tiny random models: neuron selection, clustering, batched target loops, restricted update."""
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from rome.context import EditContext
 from rome.fact_tokens import compute_keys
 from rome.sequential import SequentialState
 from rome.target_values import compute_target_values
+from util.hooks import get_module
 from util.hparams import HParamsError
 from util.weights import read_weight
 
@@ -84,6 +86,17 @@ def test_optimisation_loops_split_large_clusters():
     labels = np.array([0, 1, 0, 0, 1, 0, 0])
     assert optimisation_loops(labels, None) == [[0, 2, 3, 5, 6], [1, 4]]
     assert optimisation_loops(labels, 2) == [[0, 2], [3, 5], [6], [1, 4]]
+
+
+def test_loop_size_follows_the_device_unless_the_hparams_set_it(tiny_llama):
+    from ece.ece_main import loop_size
+    from rome.target_values import CPU_REQUESTS_PER_LOOP
+
+    assert loop_size(tiny_llama, ece_hparams("llama")) == CPU_REQUESTS_PER_LOOP  # the fixture runs on the CPU
+    assert loop_size(tiny_llama, ece_hparams("llama", z_batch_size=3)) == 3
+    assert loop_size(tiny_llama, ece_hparams("llama", z_mode="shared")) is None  # a shared delta keeps its cluster
+    meta = copy.deepcopy(tiny_llama).to("meta")  # any device that is not a CPU: one loop per cluster
+    assert loop_size(meta, ece_hparams("llama")) is None
 
 
 # -- explain --------------------------------------------------------------------------------------
@@ -240,12 +253,41 @@ def test_prefix_cache_gives_the_same_target_values(arch, bos, request):
     threshold_hp = ece_hparams(arch, v_num_grad_steps=1)
     first = compute_target_values(model, tok, MORE_REQUESTS, threshold_hp, TEMPLATES, z_layer=2).losses
     hp = ece_hparams(arch, v_num_grad_steps=6, v_stop_loss=float(np.median(first)))  # some stop, some go on
-    cached = compute_target_values(model, tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2)
-    full = compute_target_values(model, tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, prefix_cache=False)
-    assert torch.allclose(cached.initial, full.initial, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(cached.targets, full.targets, rtol=1e-4, atol=1e-5)
-    assert cached.steps == full.steps and len(set(cached.steps)) > 1
-    assert cached.losses == pytest.approx(full.losses, rel=1e-4)
+    full = compute_target_values(model, tok, MORE_REQUESTS, replace(hp, z_below_cache=False), TEMPLATES, z_layer=2,
+                                 prefix_cache=False)
+    for prefix_cache, below_cache in [(True, False), (False, True), (True, True)]:
+        cached = compute_target_values(model, tok, MORE_REQUESTS, replace(hp, z_below_cache=below_cache), TEMPLATES,
+                                       z_layer=2, prefix_cache=prefix_cache)
+        assert torch.allclose(cached.initial, full.initial, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(cached.targets, full.targets, rtol=1e-4, atol=1e-5)
+        assert cached.steps == full.steps and len(set(cached.steps)) > 1
+        assert cached.losses == pytest.approx(full.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_layers_below_the_edit_run_once_per_loop(arch, request):
+    """With z_below_cache the layers up to z_layer run once per loop, the layers above once per step;
+    the skipped modules' own forward comes back afterwards."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    tok = request.getfixturevalue("tiny_tok")
+    hp = ece_hparams(arch, v_num_grad_steps=4, v_stop_loss=0.0)  # every request runs every step
+    layer = lambda i: get_module(model, hp.layer_module(i))
+    calls = {i: 0 for i in (0, 2, 3)}
+    counters = [get_module(model, hp.rewrite_module_tmp.format(i)).register_forward_hook(
+        lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    try:
+        for below_cache in (True, False):
+            calls.update({i: 0 for i in calls})
+            compute_target_values(model, tok, MORE_REQUESTS, replace(hp, z_below_cache=below_cache), TEMPLATES,
+                                  z_layer=2, requests_per_loop=2)
+            loops = -(-len(MORE_REQUESTS) // 2)
+            # the prefix pass, then (with the cache) one recording pass, or else one pass per step
+            below = loops * (2 if below_cache else 1 + hp.v_num_grad_steps)
+            assert calls == {0: below, 2: below, 3: loops * (1 + hp.v_num_grad_steps)}
+            assert all("forward" not in layer(i).__dict__ for i in range(3))
+    finally:
+        for counter in counters:
+            counter.remove()
 
 
 PAPER_VALUES = {  # DESIGN.md / the ECE paper: layers, lambda, v_lr, steps, loss layer

@@ -14,7 +14,8 @@ One small mechanism used everywhere instead of model-specific forward code (MEMI
 
 Decoder layers of transformers 5 return a tensor, older ones a tuple whose first element is the hidden
 state; both are handled. ``stop=True`` raises ``StopForward`` after the module ran, so a forward pass
-can end at the last layer that is needed; ``Trace`` swallows it.
+can end at the last layer that is needed; ``Trace`` swallows it. ``skip_modules`` runs none of some
+modules and hands on a known output instead (the layers below an edit, whose output no step changes).
 """
 from __future__ import annotations
 
@@ -113,6 +114,28 @@ class Trace(contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb):
         self.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+@contextlib.contextmanager
+def skip_modules(model: torch.nn.Module, names: Sequence[str], output: Callable[[], object]):
+    """Inside the block, each module of ``names`` computes nothing and returns ``output()``.
+
+    Hooks on those modules still run, so a ``Trace`` on the last skipped module sees (and may edit) the
+    value handed on. ``output()`` must have the form the module returns (a tensor in transformers 5).
+    Modules whose ``forward`` was already replaced on the instance (accelerate's device hooks) get it back.
+    """
+    modules = [get_module(model, name) for name in names]
+    replaced = [module.__dict__.get("forward") for module in modules]
+    try:
+        for module in modules:
+            module.forward = lambda *args, **kwargs: output()
+        yield
+    finally:
+        for module, forward in zip(modules, replaced):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 class TraceDict(OrderedDict, contextlib.AbstractContextManager):
