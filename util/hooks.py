@@ -124,7 +124,8 @@ def skip_modules(model: torch.nn.Module, names: Sequence[str], output: Callable[
     value handed on. ``output()`` must have the form the module returns (a tensor in transformers 5).
     Modules whose ``forward`` was already replaced on the instance (accelerate's device hooks) get it back.
     """
-    modules = [get_module(model, name) for name in names]
+    named = dict(model.named_modules())  # one walk of the model: this runs at every optimisation step
+    modules = [named[name] if name in named else get_module(model, name) for name in names]
     replaced = [module.__dict__.get("forward") for module in modules]
     try:
         for module in modules:
