@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Type
+from typing import Callable, Optional, Type
 
 from util.hparams import HyperParams
 
@@ -13,9 +13,13 @@ class Algorithm:
     hparams_class: Type[HyperParams]
     apply: Callable  # apply(model, tok, requests, hparams, context, state) -> EditReport
     sequential_by_default: bool
-    # Whether the method keeps C_prev between rounds (a SequentialState) when run sequentially.
+    # Whether the method gets a SequentialState (rounds, PRUNE's originals) when run sequentially.
     uses_sequential_state: bool
+    # Whether that state keeps C_prev, the keys of earlier rounds, for the solve.
+    keeps_prev_moments: bool = False
     hparams_folder: str = ""  # hparams/<folder>/; defaults to the algorithm's name
+    # finish(model, hparams, state): run once after the last round of a sequential run (PRUNE applied once).
+    finish: Optional[Callable] = None
 
     @property
     def hparams_dir_name(self) -> str:
@@ -29,20 +33,27 @@ def _registry():
     from baselines.ft import FTHyperParams, apply_ft_to_model
     from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model
     from baselines.memit import MEMITHyperParams, apply_memit_to_model
-    from baselines.prune import PRUNEHyperParams, apply_prune_to_model
+    from baselines.prune import PRUNEHyperParams, apply_prune_to_model, finish_prune
     from baselines.rect import RECTHyperParams, apply_rect_to_model
     from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 
+    locate_edit = dict(uses_sequential_state=True)
     algorithms = [
-        Algorithm("ROME", ROMEHyperParams, apply_rome_to_model, False, False),
-        Algorithm("MEMIT", MEMITHyperParams, apply_memit_to_model, False, True),
-        Algorithm("MEMIT_seq", MEMITHyperParams, apply_memit_to_model, True, True, hparams_folder="MEMIT"),
-        Algorithm("FT", FTHyperParams, apply_ft_to_model, False, False),
-        Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit_to_model, True, True),
-        Algorithm("MEMIT_prune", PRUNEHyperParams, apply_prune_to_model, True, True),
-        Algorithm("MEMIT_rect", RECTHyperParams, apply_rect_to_model, True, True),
+        Algorithm("ROME", ROMEHyperParams, apply_rome_to_model, sequential_by_default=False,
+                  uses_sequential_state=False),
+        # MEMIT --sequential keeps the edits but not C_prev: AlphaEdit's "MEMIT" row, the one that collapses.
+        Algorithm("MEMIT", MEMITHyperParams, apply_memit_to_model, sequential_by_default=False, **locate_edit),
+        Algorithm("MEMIT_seq", MEMITHyperParams, apply_memit_to_model, sequential_by_default=True,
+                  keeps_prev_moments=True, hparams_folder="MEMIT", **locate_edit),
+        Algorithm("FT", FTHyperParams, apply_ft_to_model, sequential_by_default=False, uses_sequential_state=False),
+        Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit_to_model, sequential_by_default=True,
+                  keeps_prev_moments=True, **locate_edit),
+        Algorithm("MEMIT_prune", PRUNEHyperParams, apply_prune_to_model, sequential_by_default=True,
+                  finish=finish_prune, **locate_edit),
+        Algorithm("MEMIT_rect", RECTHyperParams, apply_rect_to_model, sequential_by_default=True, **locate_edit),
     ]
-    algorithms += [Algorithm(f"ECE_{method}", ECEHyperParams, partial(apply_ece_to_model, method=method), True, True)
+    algorithms += [Algorithm(f"ECE_{method}", ECEHyperParams, partial(apply_ece_to_model, method=method),
+                             sequential_by_default=True, keeps_prev_moments=True, **locate_edit)
                    for method in SCORE_METHODS]
     return {a.name: a for a in algorithms}
 

@@ -220,7 +220,9 @@ def main(argv=None) -> Path:
                               args.generation_test_interval, batch_size=8 if args.conserve_memory else 32)
 
     state_file = run_dir / "sequential_state.pt"
-    state: Optional[SequentialState] = SequentialState() if sequential and algorithm.uses_sequential_state else None
+    state: Optional[SequentialState] = None
+    if sequential and algorithm.uses_sequential_state:
+        state = SequentialState(track_prev_moments=algorithm.keeps_prev_moments)
     rounds_done = 0
     if sequential and state_file.exists():
         saved = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -270,6 +272,13 @@ def main(argv=None) -> Path:
         else:
             load_weights(model, original_weights)
 
+    if sequential and algorithm.finish is not None and state is not None and not state.finished:
+        finished = algorithm.finish(model, hparams, state)
+        state.finished = True
+        LOG.info("%s after the last round: %s", algorithm.name, finished)
+        atomic_torch_save(state_file, {
+            "weights": snapshot_weights(model, edited_modules), "state": state.state_dict(), "rounds_done": len(rounds),
+        })
     if sequential and not args.skip_final_eval:
         for record in tqdm(records, desc="final evaluation", unit="case"):
             path = case_path(run_dir, args.num_edits, record["case_id"])

@@ -34,6 +34,8 @@ class LocateEditHyperParams(HyperParams):
     # Stop the statistics once they hold this many keys per input dimension of the rewrite module
     # (about 10 suffices for MEMIT-family updates: "minimal precomputation"); null: mom2_n_samples chunks.
     mom2_keys_per_dimension: Optional[float] = None
+    # Leave the BOS position of every text chunk out of C0 (upstream counts it; kept as an option).
+    mom2_skip_bos: bool = False
     # Stopping rule of the target-value loop and the context templates ([[length, count], ...]).
     v_stop_loss: float = 5e-2
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])

@@ -1,8 +1,12 @@
 """Second-moment statistics ``C0 = E[k k^T]`` of rewrite-module inputs over generic text.
 
 All requested layers are measured in one forward pass per batch, which stops after the last of them.
-Results are cached per (model, module, corpus, sample count, sample length, dtype) in STATS_DIR and
-written atomically, so an interrupted computation never leaves a partial file behind.
+Results are cached per (model, module, corpus, sample count, sample length, dtype, BOS rule) in
+STATS_DIR and written atomically, so an interrupted computation never leaves a partial file behind.
+
+Every token counts, a leading BOS included, as upstream ``layer_stats`` does (kmeng01/memit
+rome/layer_stats.py:97-104 flattens every position the attention mask keeps); ``mom2_skip_bos`` leaves
+the BOS position out (its key is an outlier that no edited prompt reads at the fact token).
 """
 from __future__ import annotations
 
@@ -110,6 +114,8 @@ def stats_file(stats_dir: Path, model_name: str, hparams, layer: int) -> Path:
     size = f"{hparams.mom2_n_samples}x{hparams.mom2_sample_length}"
     if getattr(hparams, "mom2_keys_per_dimension", None):
         size += f"_{float(hparams.mom2_keys_per_dimension):g}keys_per_dim"
+    if not getattr(hparams, "mom2_skip_bos", False):
+        size += "_bos"  # files without the tag were computed without the BOS position
     folder = stats_dir / safe_name(model_name) / f"{corpus}_{size}"
     return folder / f"{hparams.rewrite_module(layer)}_{hparams.mom2_dtype}.pt"
 
@@ -129,8 +135,7 @@ def compute_second_moments(
 ) -> Dict[str, torch.Tensor]:
     """``E[k k^T]`` (float64, on CPU) of the inputs of ``module_names`` over all chunk tokens.
 
-    ``skip_positions`` leading positions (a BOS token) are left out: their keys are outliers that no
-    prompt ever edits.
+    ``skip_positions`` leading positions (a BOS token, with ``mom2_skip_bos``) are left out.
     """
     device = model_device(model)
     sums: Dict[str, torch.Tensor] = {}
@@ -165,10 +170,11 @@ def load_or_compute_second_moments(
         return result
     text = load_corpus_text(hparams.mom2_dataset, data_dir)
     bos_length = len(leading_special_ids(tok))
-    chunks = text_chunks(tok, text, chunks_needed(model, hparams, bos_length), hparams.mom2_sample_length)
+    skipped = bos_length if hparams.mom2_skip_bos else 0
+    chunks = text_chunks(tok, text, chunks_needed(model, hparams, skipped), hparams.mom2_sample_length)
     LOG.info("computing second moments of layers %s over %d chunks x %d tokens", missing, *chunks.shape)
     names = {layer: hparams.rewrite_module(layer) for layer in missing}
-    moments = compute_second_moments(model, tok, list(names.values()), chunks, skip_positions=bos_length)
+    moments = compute_second_moments(model, tok, list(names.values()), chunks, skip_positions=skipped)
     for layer, name in names.items():
         value = moments[name].to(dtype)
         atomic_torch_save(stats_file(stats_dir, model_name, hparams, layer),

@@ -4,11 +4,14 @@ For each request, ``delta_j`` is added to the residual stream (output of decoder
 the fact token of every prompt of that request, and optimised with Adam to minimise
 
     NLL(target_new | template + prompt), averaged over the context templates
-    + kl_factor * KL(p_0 || p) of the next-token distribution at the fact token of "{subject} is a"
+    + kl_factor * KL(p || p_0) of the next-token distribution at the fact token of "{subject} is a"
     + v_weight_decay * ||delta_j|| / ||h_j||^2
 
 where the loss is read at ``v_loss_layer`` through the final norm and the output embedding, only at
-the positions that predict target tokens (not over the whole sequence and vocabulary). Each request
+the positions that predict target tokens (not over the whole sequence and vocabulary). The KL term is
+the current distribution ``p`` against the unedited ``p_0``, as MEMIT's
+``kl_div(kl_distr_init, kl_log_probs, log_target=True)`` computes it (memit/compute_z.py:149-151,
+rome/compute_v.py:137-139 in kmeng01/memit). Each request
 stops when its own loss falls below ``v_stop_loss``; its delta is then frozen and its rows leave the
 batch while the others go on. Requests never interact (separate rows, separate deltas; Adam is
 element-wise), so one loop over many requests gives the same values as one loop per request, only with
@@ -215,9 +218,15 @@ def _forward_kwargs(model, batch: _Batch) -> dict:
     return kwargs
 
 
+def kl_to_unedited(log_probs: torch.Tensor, unedited_log_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(p || p_0)`` per row: the edited distribution against the unedited one (MEMIT's direction)."""
+    return (log_probs.exp() * (log_probs - unedited_log_probs)).sum(-1)
+
+
 def compute_target_values(
     model, tok, requests, hparams, template_groups, z_layer: int, requests_per_loop: Optional[int] = None,
     loops: Optional[Sequence[Sequence[int]]] = None, shared_delta: bool = False, prefix_cache: bool = True,
+    edit_module: Optional[str] = None,
 ) -> TargetValues:
     """Optimise the target value of every request.
 
@@ -225,6 +234,8 @@ def compute_target_values(
     consecutive chunks of ``requests_per_loop`` (``None``: all of them; ``1``: one loop per request,
     MEMIT's original schedule). Results are in the order of ``requests``. ``prefix_cache=False``
     recomputes every token at every step (the published implementation's cost; same values).
+    ``edit_module``: the module of layer ``z_layer`` whose output gets the delta (ROME: the MLP, as
+    rome/compute_v.py:79-87 hooks ``mlp_module_tmp``); default the decoder layer itself (MEMIT).
     """
     requests = list(requests)
     if loops is None:
@@ -234,8 +245,8 @@ def compute_target_values(
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
-    parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta, prefix_cache)
-             for loop in loops]
+    parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta, prefix_cache,
+                       edit_module) for loop in loops]
     position = torch.argsort(torch.tensor(order))  # back to request order
     loop_index = {i: k for k, loop in enumerate(loops) for i in loop}
     stacked = lambda name: torch.cat([getattr(p, name) for p in parts])[position.to(parts[0].targets.device)]
@@ -249,8 +260,9 @@ def compute_target_values(
 
 
 def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_delta: bool = False,
-              prefix_cache: bool = True) -> TargetValues:
-    z_module = get_module(model, hparams.layer_module(z_layer))
+              prefix_cache: bool = True, edit_module: Optional[str] = None) -> TargetValues:
+    edit_module = edit_module or hparams.layer_module(z_layer)
+    z_module = get_module(model, edit_module)
     loss_module_name = hparams.layer_module(hparams.v_loss_layer)
     ln_f = get_module(model, hparams.ln_f_module)
     unembed = model.get_output_embeddings()
@@ -258,8 +270,11 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
     if prefix_cache:
         batch = _with_prefix_cache(model, tok, batch)
-    layers_below = [hparams.layer_module(i) for i in range(z_layer + 1)]
-    if hparams.z_below_cache:
+    # Nothing up to the edited module depends on the delta: the decoder layers up to z_layer when the
+    # delta goes on that layer's output, up to the one before when it goes inside the layer.
+    top_unchanged = z_layer if edit_module == hparams.layer_module(z_layer) else z_layer - 1
+    layers_below = [hparams.layer_module(i) for i in range(top_unchanged + 1)]
+    if hparams.z_below_cache and layers_below:
         batch = _with_output_below(model, batch, layers_below[-1])
     n = len(requests)
     delta_device = next(z_module.parameters()).device
@@ -293,7 +308,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
         with ExitStack() as stack:
             if batch.below is not None:
                 stack.enter_context(skip_modules(model, layers_below, lambda: batch.below))
-            stack.enter_context(Trace(model, hparams.layer_module(z_layer), retain_output=False, edit_output=add_delta))
+            stack.enter_context(Trace(model, edit_module, retain_output=False, edit_output=add_delta))
             loss_trace = stack.enter_context(
                 Trace(model, loss_module_name, retain_output=True, detach=False, stop=True)
             )
@@ -311,7 +326,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
             initial_kl = kl_log_probs.detach()
         reference = initial_kl[batch.kl_request.to(head_device)]
         kl = torch.zeros(n, device=head_device).index_add(
-            0, batch.kl_request.to(head_device), (reference.exp() * (reference - kl_log_probs)).sum(-1)
+            0, batch.kl_request.to(head_device), kl_to_unedited(kl_log_probs, reference)
         )
         init_norm = initial.to(delta_device).norm(dim=1)
         weight_decay = hparams.v_weight_decay * (delta[delta_of].norm(dim=1) / init_norm**2)

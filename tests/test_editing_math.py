@@ -15,9 +15,9 @@ from baselines.memit import MEMITHyperParams, apply_memit_to_model
 
 ARCH = {
     "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",
-                 ln_f_module="transformer.ln_f"),
+                 ln_f_module="transformer.ln_f", mlp_module_tmp="transformer.h.{}.mlp"),
     "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
-                  ln_f_module="model.norm"),
+                  ln_f_module="model.norm", mlp_module_tmp="model.layers.{}.mlp"),
 }
 REQUESTS = [
     {"case_id": 0, "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
@@ -71,8 +71,16 @@ def test_second_moments_match_a_direct_computation_and_are_cached(tiny_gpt2, tin
 
     with Trace(tiny_gpt2, name, retain_input=True, retain_output=False) as t:
         tiny_gpt2(input_ids=chunks)
-    keys = t.input[:, 1:].reshape(-1, t.input.shape[-1]).double()  # BOS position left out
+    # Every position counts, the BOS included, as upstream layer_stats does.
+    keys = t.input.reshape(-1, t.input.shape[-1]).double()
     assert torch.allclose(result[2].double(), keys.T @ keys / len(keys), rtol=1e-4, atol=1e-6)
+    # mom2_skip_bos leaves the BOS position out, in a file of its own.
+    skip = make_hparams("gpt2", mom2_skip_bos=True)
+    without = load_or_compute_second_moments(tiny_gpt2, tiny_tok_bos, skip, [2], "tiny-gpt2")[2].double()
+    body = t.input[:, 1:].reshape(-1, t.input.shape[-1]).double()
+    assert torch.allclose(without, body.T @ body / len(body), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(without, result[2].double(), rtol=1e-3)
+    assert stats_file(stats_dir, "tiny-gpt2", skip, 2) != stats_file(stats_dir, "tiny-gpt2", hp, 2)
     path = stats_file(stats_dir, "tiny-gpt2", hp, 2)
     assert path.exists() and not list(path.parent.glob(".*tmp"))
     # A second call reads the cache and never runs the model.
@@ -151,18 +159,37 @@ def test_other_layers_untouched_and_sequential_state(tiny_llama, tiny_tok, stats
     assert torch.allclose(state.prev_moment(2), (keys[2].T @ keys[2]).double(), atol=1e-6)
 
 
-def test_rome_rank_one_update_hits_the_target(tiny_gpt2, tiny_tok, stats_dir):
-    hp = make_hparams("gpt2", cls=ROMEHyperParams, layers=[2])
-    weight_before = read_weight(tiny_gpt2, hp.rewrite_module(2)).clone()
-    context = EditContext("tiny-gpt2")
-    values = compute_target_values(tiny_gpt2, tiny_tok, REQUESTS[:1], hp,
-                                   context.context_templates(tiny_gpt2, tiny_tok, hp.context_template_length_params), 2)
-    apply_rome_to_model(tiny_gpt2, tiny_tok, REQUESTS[:1], hp, context)
-    change = read_weight(tiny_gpt2, hp.rewrite_module(2)) - weight_before
-    assert torch.linalg.matrix_rank(change.double(), atol=1e-6) == 1
-    _, out = states_at_fact_tokens(tiny_gpt2, tiny_tok, [REQUESTS[0]["prompt"]], [REQUESTS[0]["subject"]],
-                                   "subject_last", outputs_of=[hp.layer_module(2)])
-    assert torch.allclose(out[hp.layer_module(2)][0], values.targets[0], atol=1e-3)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rome_target_value_lives_at_the_mlp_output(request, arch, tiny_tok, stats_dir, monkeypatch):
+    """rome/compute_v.py:79-87 adds the delta to the MLP output; the clamp and decay are scaled by its
+    norm; k* is the flat mean over ROME's templates (compute_u.py:83-90); after the update the MLP output
+    at the fact token of the bare prompt is the target."""
+    import rome.rome_main as rome_main
+
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch, cls=ROMEHyperParams, layers=[2], clamp_norm_factor=0.5)
+    mlp = hp.mlp_module_tmp.format(2)
+    rewrite = hp.rewrite_module(2)
+    prompt, subject = REQUESTS[0]["prompt"], REQUESTS[0]["subject"]
+    _, unedited = states_at_fact_tokens(model, tiny_tok, [prompt], [subject], "subject_last", outputs_of=[mlp])
+    context = EditContext(f"tiny-{arch}")
+    flat = [[t for g in context.context_templates(model, tiny_tok, hp.context_template_length_params, style="rome")
+             for t in g]]
+    assert len(flat[0]) == 21 and flat[0][0] == "{}"  # "{}" and 10 + 10 generated prefixes
+    values = compute_target_values(model, tiny_tok, REQUESTS[:1], hp, flat, 2, edit_module=mlp)
+    assert torch.allclose(values.initial[0], unedited[mlp][0].float(), atol=1e-5)
+    delta_norm = float((values.targets - values.initial).norm())
+    assert 0 < delta_norm <= 0.5 * float(values.initial.norm()) + 1e-4  # clamped against ||MLP output||
+    keys_seen = []
+    real = rome_main.rank_one_delta
+    monkeypatch.setattr(rome_main, "rank_one_delta", lambda k_avg, k, *a: keys_seen.append(k_avg) or real(k_avg, k, *a))
+    apply_rome_to_model(model, tiny_tok, REQUESTS[:1], hp, context)
+    templates = [t.format(prompt) for t in flat[0]]
+    inputs, _ = states_at_fact_tokens(model, tiny_tok, templates, [subject] * 21, "subject_last", inputs_of=[rewrite])
+    # Keys of the rewrite module are its inputs, which the edit of that module does not change.
+    assert torch.allclose(keys_seen[0], inputs[rewrite].mean(0), atol=1e-5)
+    _, after = states_at_fact_tokens(model, tiny_tok, [prompt], [subject], "subject_last", outputs_of=[mlp])
+    assert torch.allclose(after[mlp][0].float(), values.targets[0], atol=1e-3)
 
 
 def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stats_dir):
@@ -174,8 +201,8 @@ def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stat
     d_in = read_weight(tiny_llama, hp.rewrite_module(1)).shape[1]
     load_or_compute_second_moments(tiny_llama, tiny_tok_bos, hp, [1], "tiny-llama")
     saved = _torch.load(stats_file(stats_dir, "tiny-llama", hp, 1), weights_only=True)
-    keys = saved["n_tokens"] - saved["n_tokens"] // 32  # the BOS column holds no key
-    assert 2 * d_in <= keys < 2 * d_in + 31 and keys < 40 * 31
+    keys = saved["n_tokens"]  # the BOS column counts too
+    assert 2 * d_in <= keys < 2 * d_in + 32 and keys < 40 * 32
     full = make_hparams("llama", mom2_n_samples=40, mom2_sample_length=32)
     assert stats_file(stats_dir, "tiny-llama", hp, 1) != stats_file(stats_dir, "tiny-llama", full, 1)
 
@@ -190,3 +217,79 @@ def test_edit_context_keeps_statistics_of_different_settings_apart(tiny_llama, t
     second = context.second_moments(tiny_llama, tiny_tok_bos, minimal, [1])[1]
     assert not torch.equal(first, second)
     assert context.second_moments(tiny_llama, tiny_tok_bos, full, [1])[1] is first  # from memory
+
+
+def test_kl_term_is_current_against_unedited_as_memit_computes_it():
+    """memit/compute_z.py:149-151: ``kl_div(kl_distr_init, kl_log_probs, log_target=True, reduction="batchmean")``
+    is KL(p || p_0); the value and the gradient must match it, and differ from KL(p_0 || p)."""
+    from rome.target_values import kl_to_unedited
+
+    generator = torch.Generator().manual_seed(0)
+    unedited = torch.log_softmax(torch.randn(1, 50, generator=generator), -1)
+    logits = torch.randn(1, 50, generator=generator, requires_grad=True)
+    ours = kl_to_unedited(torch.log_softmax(logits, -1), unedited).sum()
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    upstream = torch.nn.functional.kl_div(unedited, torch.log_softmax(logits, -1), log_target=True, reduction="batchmean")
+    (grad_upstream,) = torch.autograd.grad(upstream, logits)
+    assert float(ours.detach()) == pytest.approx(float(upstream.detach()), rel=1e-6)
+    assert torch.allclose(grad_ours, grad_upstream, atol=1e-7)
+    reverse = (unedited.exp() * (unedited - torch.log_softmax(logits, -1))).sum()
+    assert abs(float(reverse.detach()) - float(upstream.detach())) > 1e-2
+
+
+def test_target_loop_passes_the_current_distribution_first(tiny_llama, tiny_tok, monkeypatch):
+    import rome.target_values as target_values
+
+    calls = []
+    real = target_values.kl_to_unedited
+    monkeypatch.setattr(target_values, "kl_to_unedited",
+                        lambda current, unedited: calls.append((current.requires_grad, unedited.requires_grad))
+                        or real(current, unedited))
+    compute_target_values(tiny_llama, tiny_tok, REQUESTS[:1], make_hparams("llama", v_num_grad_steps=3), TEMPLATES, 2)
+    assert calls and all(current and not unedited for current, unedited in calls)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sequential_memit_without_c_prev_is_plain_memit_round_after_round(request, arch, tiny_tok, stats_dir):
+    """AlphaEdit's MEMIT row: edits kept between rounds, no C_prev (experiments/evaluate.py:245)."""
+    import copy
+
+    from rome.sequential import SequentialState
+
+    model = request.getfixturevalue(f"tiny_{arch}")
+    plain = copy.deepcopy(model)
+    hp = make_hparams(arch, z_requests_per_loop=2)
+    state, context, plain_context = SequentialState(track_prev_moments=False), EditContext("t"), EditContext("t")
+    for round_requests in (REQUESTS[:2], REQUESTS[2:]):
+        apply_memit_to_model(model, tiny_tok, round_requests, hp, context, state)
+        apply_memit_to_model(plain, tiny_tok, round_requests, hp, plain_context)
+    assert state.rounds == 2 and state.prev_moments == {}
+    for layer in hp.layers:
+        assert torch.allclose(read_weight(model, hp.rewrite_module(layer)), read_weight(plain, hp.rewrite_module(layer)))
+
+
+@pytest.mark.parametrize("style", ["memit", "rome"])
+def test_context_templates_count_tokens_as_generate_fast_does(tiny_gpt2, tiny_tok, monkeypatch, style):
+    """generate_fast's ``max_out_len`` counts the prompt (util/generate.py:102 upstream): a length-10
+    template of a one-token seed samples 9 new tokens. MEMIT seeds with five words and drops braces;
+    ROME seeds with the document-start token (GPT-2's <|endoftext|>), 10 of each length."""
+    import rome.context as context_module
+
+    asked = []
+    real = context_module.generate_texts
+    monkeypatch.setattr(context_module, "generate_texts",
+                        lambda model, tok, prompts, max_new_tokens, **kw: asked.append((list(prompts), max_new_tokens))
+                        or real(model, tok, prompts, max_new_tokens, **kw))
+    lengths = [[10, 5]] if style == "memit" else [[5, 10], [10, 10]]
+    groups = context_module.generate_context_templates(tiny_gpt2, tiny_tok, lengths, seed=0, style=style)
+    assert groups[0] == ["{}"] and [len(g) for g in groups[1:]] == [count for _, count in lengths]
+    assert all(t.endswith(". {}") and t.count("{}") == 1 for g in groups[1:] for t in g)
+    from util.tokens import prompt_ids
+
+    seeds = sorted(p for prompts, _ in asked for p in prompts)
+    if style == "memit":
+        assert seeds == sorted(["The", "Therefore", "Because", "I", "You"])
+        assert all(n == 10 - len(prompt_ids(tiny_tok, p)) for prompts, n in asked for p in prompts)
+    else:
+        assert asked == [(["<bos>"] * 10, 4), (["<bos>"] * 10, 9)]
+        assert all("<bos>" not in t for g in groups for t in g)

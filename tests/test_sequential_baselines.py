@@ -10,7 +10,7 @@ from baselines.alphaedit import (
     projector_file,
 )
 from baselines.memit import apply_memit_to_model
-from baselines.prune import PRUNEHyperParams, apply_prune_to_model, restrain_edit
+from baselines.prune import PRUNEHyperParams, apply_prune_to_model, restrain
 from baselines.rect import RECTHyperParams, apply_rect_to_model, keep_top_relative_entries
 from experiments.algorithms import get_algorithm
 from rome.layer_stats import stats_file
@@ -144,109 +144,150 @@ def test_alphaedit_reads_its_projectors_once_per_run_and_per_threshold(tiny_gpt2
 
 # -- PRUNE ----------------------------------------------------------------------------------------
 
-def test_restrain_edit_on_known_singular_values():
+def test_restrain_on_known_singular_values():
     d_out, d_in = 6, 9
     w_orig = (orthonormal(d_out, 3)[:, :d_out] * torch.tensor([2.0, 1.5, 1.0, 0.5, 0.2, 0.1],
                                                               dtype=torch.float64)) @ orthonormal(d_in, 4)[:d_out]
     s_max = 2.0
     u, v = orthonormal(d_out, 5)[:, :3], orthonormal(d_in, 6)[:, :3]
     edit = (u * torch.tensor([10 * s_max, 3 * s_max, 0.5 * s_max], dtype=torch.float64)) @ v.T
-    restrained = restrain_edit(w_orig, w_orig + edit) - w_orig
+    restrained = restrain(edit, w_orig)
     expected = torch.tensor([s_max + math.log(10), s_max + math.log(3), 0.5 * s_max], dtype=torch.float64)
     assert torch.allclose(torch.linalg.svdvals(restrained)[:3], expected, atol=1e-10)
     assert torch.linalg.svdvals(restrained)[3:].abs().max() < 1e-10
     # The directions of the edit are kept; only the large singular values shrink.
     assert torch.allclose(u.T @ restrained @ v, torch.diag(expected), atol=1e-10)
     # An edit already within the bound is left alone (and the storage orientation does not matter).
-    assert restrain_edit(w_orig, w_orig + 0.5 * edit / 10) is None
-    transposed = restrain_edit(w_orig.T, (w_orig + edit).T) - w_orig.T
-    assert torch.allclose(transposed.T, restrained, atol=1e-10)
+    small = 0.5 * edit / 10
+    assert torch.allclose(restrain(small, w_orig), small, atol=1e-12)
+    assert torch.allclose(restrain(edit.T, w_orig.T).T, restrained, atol=1e-10)
+
+
+def _round_updates_spied(monkeypatch, names):
+    """Record the raw MEMIT update of every round (the weights right before and after the MEMIT pass)."""
+    import baselines.prune.prune_main as prune_main
+
+    updates = []
+    real = prune_main.locate_and_edit
+
+    def spy(model, *args, after_update=None, **kwargs):
+        before = snapshot_weights(model, names)
+
+        def wrapped(record):
+            after = snapshot_weights(model, names)
+            updates.append({n: after[n].double() - before[n].double() for n in names})
+            after_update(record)
+
+        return real(model, *args, after_update=wrapped, **kwargs)
+
+    monkeypatch.setattr(prune_main, "locate_and_edit", spy)
+    return updates
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_prune_bounds_the_accumulated_edit_over_two_rounds(request, arch, tiny_tok, stats_dir, monkeypatch):
+def test_prune_over_three_rounds_equals_f_of_the_raw_sum(request, arch, tiny_tok, stats_dir, monkeypatch):
+    """W_orig + F(sum of raw updates), not F applied again to an already restrained edit (which would
+    cap every large singular value at s_max); the rounds carry no C_prev."""
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = make_hparams(arch, cls=PRUNEHyperParams, z_requests_per_loop=2)
     names = [hp.rewrite_module(layer) for layer in hp.layers]
     unedited = snapshot_weights(model, names)
-    s_max = {name: float(torch.linalg.matrix_norm(read_weight(model, name).double(), ord=2)) for name in names}
-    unbounded = {}
-    real_restrain = restrain_edit
-
-    def spy(original, current):
-        unbounded[next(n for n in names if torch.equal(original, unedited[n]))] = current.double() - original.double()
-        return real_restrain(original, current)
-
-    monkeypatch.setattr("baselines.prune.prune_main.restrain_edit", spy)
-    state = SequentialState()
-    context = fixed_context()
-    apply_prune_to_model(model, tiny_tok, REQUESTS[:2], hp, context, state)
-    assert set(state.originals) == set(names)
-    # An artificially large edit between the rounds: rank one, 100 times the largest singular value.
+    updates = _round_updates_spied(monkeypatch, names)
+    state, context = SequentialState(track_prev_moments=False), fixed_context()
+    for round_index in range(3):
+        report = apply_prune_to_model(model, tiny_tok, REQUESTS[round_index:round_index + 1], hp, context, state)
+    assert state.rounds == 3 and state.prev_moments == {} and len(updates) == 3
+    assert sorted(report.extra["restrained_modules"]) == sorted(names)
     for name in names:
-        d_out, d_in = read_weight(model, name).shape
-        direction = torch.outer(orthonormal(d_out, 7)[:, 0], orthonormal(d_in, 8)[:, 0])
-        add_to_weight(model, name, 100 * s_max[name] * direction)
-    report = apply_prune_to_model(model, tiny_tok, REQUESTS[2:], hp, context, state)
-    assert sorted(report.extra["restrained_modules"]) == sorted(names) and state.rounds == 2
-    for name in names:
-        assert torch.equal(state.originals[name], unedited[name])  # the first round's weights, not the second's
-        raw = torch.linalg.svdvals(unbounded[name])
-        # Singular values do not depend on the storage orientation: compare the stored weights.
+        assert torch.equal(state.originals[name], unedited[name])
+        raw = sum(u[name] for u in updates)
+        assert torch.allclose(state.raw_edits[name], raw, atol=1e-6)
+        expected = unedited[name].double() + restrain(raw, unedited[name])
+        assert torch.allclose(snapshot_weights(model, [name])[name].double(), expected, atol=1e-5)
+        s_max = float(torch.linalg.matrix_norm(unedited[name].double(), ord=2))
         final = torch.linalg.svdvals(snapshot_weights(model, [name])[name].double() - unedited[name].double())
-        assert raw[0] > 90 * s_max[name]
-        bound = torch.where(raw > s_max[name], s_max[name] + torch.log(raw / s_max[name]), raw)
-        assert (final <= bound + 1e-4).all()
-        assert final[0] == pytest.approx(float(bound[0]), rel=1e-4)
-        assert final[0] < raw[0] / 2  # the artificially large direction shrank
+        # The random tiny weights are small, so the raw edit is far past s_max; its bound keeps growing
+        # with it (log), where restraining the restrained edit again each round caps it near s_max.
+        raw_top = float(torch.linalg.svdvals(raw)[0])
+        assert raw_top > 10 * s_max
+        assert float(final[0]) == pytest.approx(s_max + math.log(raw_top / s_max), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_prune_after_the_last_round_applies_once(request, arch, tiny_tok, stats_dir, monkeypatch):
+    from baselines.prune import finish_prune
+
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch, cls=PRUNEHyperParams, z_requests_per_loop=2, prune_schedule="after_last_round")
+    names = [hp.rewrite_module(layer) for layer in hp.layers]
+    unedited = snapshot_weights(model, names)
+    state, context = SequentialState(track_prev_moments=False), fixed_context()
+    for round_index in range(2):
+        report = apply_prune_to_model(model, tiny_tok, REQUESTS[round_index:round_index + 1], hp, context, state)
+        assert report.extra["restrained_modules"] == []
+    plain = snapshot_weights(model, names)
+    for name in names:  # untouched until the end: the plain sequential MEMIT edit
+        assert torch.allclose(plain[name].double(), unedited[name].double() + state.raw_edits[name], atol=1e-6)
+    for name in names:  # make the raw edit large enough for F to act
+        state.raw_edits[name] = 50 * state.raw_edits[name] / float(torch.linalg.matrix_norm(state.raw_edits[name], ord=2)) \
+            * float(torch.linalg.matrix_norm(unedited[name].double(), ord=2))
+    finish_prune(model, hp, state)
+    assert state.finished
+    for name in names:
+        expected = unedited[name].double() + restrain(state.raw_edits[name], unedited[name])
+        assert torch.allclose(snapshot_weights(model, [name])[name].double(), expected, atol=1e-5)
+    before_second_call = snapshot_weights(model, names)
+    finish_prune(model, hp, state)  # a resumed run never applies it twice
+    assert all(torch.equal(before_second_call[n], snapshot_weights(model, [n])[n]) for n in names)
 
 
 def test_sequential_state_keeps_originals_and_reads_old_files():
     state = SequentialState(prev_moments={1: torch.eye(2, dtype=torch.float64)}, rounds=3, edits=30,
-                            originals={"m.1": torch.arange(6.0).view(2, 3)})
+                            originals={"m.1": torch.arange(6.0).view(2, 3)},
+                            raw_edits={"m.1": torch.ones(2, 3, dtype=torch.float64)}, finished=True)
     restored = SequentialState.from_state_dict(state.state_dict())
     assert torch.equal(restored.originals["m.1"], state.originals["m.1"]) and restored.rounds == 3
+    assert torch.equal(restored.raw_edits["m.1"], state.raw_edits["m.1"]) and restored.finished
     old_file = {"prev_moments": state.prev_moments, "rounds": 3, "edits": 30}  # written before ``originals``
-    assert SequentialState.from_state_dict(old_file).originals == {}
+    old = SequentialState.from_state_dict(old_file)
+    assert old.originals == {} and old.raw_edits == {} and old.track_prev_moments and not old.finished
 
 
 # -- RECT -----------------------------------------------------------------------------------------
 
 def test_keep_top_relative_entries_on_a_known_example():
-    delta = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [-0.1, 0.2, -0.3, 0.4, -0.5]])
+    delta = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [-0.15, 0.2, -0.3, 0.4, -0.5]])
     weight = torch.tensor([[1.0, 2.0, 4.0, 8.0, 10.0], [0.1, 0.1, 0.1, 0.1, 0.0]])
-    # Relative magnitudes [1, .5, .25, .125, .1] and [1, 2, 3, 4, 5e7]: the top 40% (4 of 10) are the
-    # last four of the second row (the zero weight included).
+    # Relative magnitudes [1, .5, .25, .125, .1] and [1.5, 2, 3, 4, 5e7]. The reference keeps the entries
+    # at or above the k-th smallest, k = int(10 * 60 / 100) = 6 for 40%: 1.5 and up, the second row.
     kept = keep_top_relative_entries(delta, weight, 40.0)
-    assert torch.equal(kept, torch.tensor([[0.0, 0, 0, 0, 0], [0, 0.2, -0.3, 0.4, -0.5]]))
-    assert torch.count_nonzero(keep_top_relative_entries(delta, weight, 45.0)) == 5  # ceil(4.5)
+    assert torch.equal(kept, torch.tensor([[0.0, 0, 0, 0, 0], [-0.15, 0.2, -0.3, 0.4, -0.5]]))
+    assert torch.count_nonzero(keep_top_relative_entries(delta, weight, 45.0)) == 6  # k = 5: 1 and up
+    assert torch.count_nonzero(keep_top_relative_entries(delta, weight, 25.0)) == 4  # k = 7: 2 and up
     assert torch.equal(keep_top_relative_entries(delta, weight, 100.0), delta)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_rect_keeps_the_stated_share_of_each_update(request, arch, tiny_tok, stats_dir, monkeypatch):
+def test_rect_applies_the_masked_final_update_of_an_unmasked_memit_pass(request, arch, tiny_tok, stats_dir):
+    """memit_rect_main.py:40-61: MEMIT over all layers unmasked, weights restored, then each layer's final
+    update masked against the weight before the round and added. No C_prev."""
     model = request.getfixturevalue(f"tiny_{arch}")
+    memit_model = copy.deepcopy(model)
     hp = make_hparams(arch, cls=RECTHyperParams, top_k_percent=25.0, z_requests_per_loop=3)
     before = edited_weights(model, hp)
-    masked = []
-    real_keep = keep_top_relative_entries
-
-    def spy(delta, weight, top_k_percent):
-        kept = real_keep(delta, weight, top_k_percent)
-        masked.append((delta, weight.double().clone(), kept))
-        return kept
-
-    monkeypatch.setattr("baselines.rect.rect_main.keep_top_relative_entries", spy)
-    apply_rect_to_model(model, tiny_tok, REQUESTS, hp, fixed_context(), SequentialState())
-    assert len(masked) == len(hp.layers)
-    for layer, (delta, weight, kept) in zip(hp.layers, masked):
-        assert torch.allclose(weight, before[layer])  # measured against the weight before its update
-        assert torch.count_nonzero(kept) == math.ceil(0.25 * delta.numel())
-        relative = delta.abs() / (weight.abs() + 1e-8)
-        assert relative[kept != 0].min() >= relative[kept == 0].max()
+    state = SequentialState(track_prev_moments=False)
+    report = apply_rect_to_model(model, tiny_tok, REQUESTS, hp, fixed_context(), state)
+    apply_memit_to_model(memit_model, tiny_tok, REQUESTS, make_hparams(arch, z_requests_per_loop=3), fixed_context())
+    assert state.prev_moments == {} and state.rounds == 1
+    for layer in hp.layers:
+        memit_update = edited_weights(memit_model, hp)[layer] - before[layer]
+        expected = keep_top_relative_entries(memit_update, before[layer], 25.0)
         change = edited_weights(model, hp)[layer] - before[layer]
-        assert torch.allclose(change, kept, atol=1e-6)
+        assert torch.allclose(change, expected, atol=1e-6)
+        assert report.extra["kept_entries"][str(layer)] == int(torch.count_nonzero(expected))
         assert torch.count_nonzero(change) / change.numel() == pytest.approx(0.25, abs=0.01)
+        relative = (memit_update / before[layer]).abs()
+        assert relative[change != 0].min() >= relative[change == 0].max()
 
 
 # -- hyperparameters and registry ------------------------------------------------------------------
@@ -258,6 +299,7 @@ def test_rect_keeps_the_stated_share_of_each_update(request, arch, tiny_tok, sta
     (RECTHyperParams, "top_k_percent", 0.0),
     (RECTHyperParams, "top_k_percent", 100.5),
     (PRUNEHyperParams, "z_requests_per_loop", 0),
+    (PRUNEHyperParams, "prune_schedule", "sometimes"),
 ])
 def test_hparams_validation_names_the_bad_key(cls, key, value):
     with pytest.raises(HParamsError, match=f"'{key}'"):
@@ -269,6 +311,8 @@ def test_hparams_validation_names_the_bad_key(cls, key, value):
 def test_registered_with_hparams_files_for_every_model(name, extra):
     algorithm = get_algorithm(name)
     assert algorithm.sequential_by_default and algorithm.uses_sequential_state
+    # AlphaEdit experiments/evaluate.py:245: only AlphaEdit (with MEMIT_seq, NSE) gets the earlier keys.
+    assert algorithm.keeps_prev_moments == (name == "AlphaEdit")
     for model in ("smollm2-135m", "gpt2-xl", "Llama3-8B"):
         hp = algorithm.hparams_class.from_json(REPO_ROOT / "hparams" / name / f"{model}.json")
         memit = get_algorithm("MEMIT").hparams_class.from_json(REPO_ROOT / "hparams" / "MEMIT" / f"{model}.json")

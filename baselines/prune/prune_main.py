@@ -1,10 +1,20 @@
-"""PRUNE (Ma et al., 2025) on MEMIT: bound the singular values of the accumulated edit after every round.
+"""PRUNE (Ma et al., 2025) on MEMIT: bound the singular values of the accumulated edit.
 
-Sequential edits accumulate into ``E = W_now - W_orig`` whose largest singular values grow past those
-of the weight itself and disturb unrelated inputs. Every singular value ``s > s_max`` of ``E`` (with
-``s_max`` the largest singular value of ``W_orig``) becomes ``s_max + log(s / s_max)``; smaller ones,
-which carry most edits, are kept. ``W_orig`` is remembered in the ``SequentialState`` so that the bound
-refers to the unedited model across rounds and resumed runs.
+Sequential edits accumulate into ``E`` whose largest singular values grow past those of the weight
+itself and disturb unrelated inputs. Every singular value ``s > s_max`` of ``E`` (``s_max``: the largest
+singular value of ``W_orig``) becomes ``F(s) = s_max + log(s / s_max)``; smaller ones, which carry most
+edits, are kept.
+
+The restraint never compounds: the state keeps the raw sum of the rounds' MEMIT updates ``E_raw`` and
+the weight is set to ``W_orig + F(E_raw)`` (applying ``F`` to an already restrained edit every round
+would drive every large singular value to a hard cap at ``s_max``). ``prune_schedule``:
+
+- ``every_round`` (default): after each round, so every evaluation sees the bounded model;
+- ``after_last_round``: once, after the last round, as AlphaEdit's experiments/evaluate.py:298-333
+  runs it. That file adds ``F(E)`` to the already edited weight (``W_orig + E + F(E)``); here the
+  weight becomes ``W_orig + F(E)``, which is what the method describes.
+
+The rounds themselves are plain MEMIT rounds without ``C_prev`` (AlphaEdit's evaluate.py:245).
 """
 from __future__ import annotations
 
@@ -18,39 +28,44 @@ from baselines.memit.memit_main import MEMITHyperParams
 from rome.context import EditContext
 from rome.locate_edit import EditReport, locate_and_edit
 from rome.sequential import SequentialState
+from util.hparams import require
 from util.weights import load_weights, snapshot_weights, weight_parameter
 
 LOG = logging.getLogger(__name__)
 
+PRUNE_SCHEDULES = ("every_round", "after_last_round")
+
 
 @dataclass
 class PRUNEHyperParams(MEMITHyperParams):
-    """MEMIT's keys: the restraint has no parameter of its own."""
+    """MEMIT's keys and when the restraint applies."""
+
+    prune_schedule: str = "every_round"
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        require(self.prune_schedule in PRUNE_SCHEDULES, source, "prune_schedule", f"must be one of {PRUNE_SCHEDULES}")
 
 
-def restrain_edit(original: torch.Tensor, current: torch.Tensor) -> Optional[torch.Tensor]:
-    """``W_orig + E'`` (float64, on ``current``'s device), or None when no singular value of ``E`` exceeds
-    ``s_max``. Singular values do not depend on the storage orientation, so stored weights can be passed."""
-    w_orig = original.to(current.device, torch.float64)
-    edit = current.to(torch.float64) - w_orig
-    s_max = torch.linalg.matrix_norm(w_orig, ord=2)
+def restrain(edit: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """``F(E)`` (float64, on ``edit``'s device): singular values above ``s_max = ||W_orig||_2`` become
+    ``s_max + log(s / s_max)``. Singular values do not depend on the storage orientation."""
+    edit = edit.to(torch.float64)
+    s_max = torch.linalg.matrix_norm(original.to(edit.device, torch.float64), ord=2)
     u, s, vh = torch.linalg.svd(edit, full_matrices=False)
-    too_large = s > s_max
-    if not bool(too_large.any()):
-        return None
-    bounded = torch.where(too_large, s_max + torch.log(s / s_max), s)
-    return w_orig + (u * bounded) @ vh
+    bounded = torch.where(s > s_max, s_max + torch.log(s / s_max), s)
+    return (u * bounded) @ vh
 
 
-def restrain_accumulated_edits(model, originals: Dict[str, torch.Tensor]) -> List[str]:
-    """Apply ``restrain_edit`` to every module of ``originals``; returns the modules that changed."""
+def set_restrained_weights(model, state: SequentialState) -> List[str]:
+    """``W = W_orig + F(E_raw)`` for every module of the state; returns the modules where ``F`` changed ``E_raw``."""
     restrained = []
-    for name, original in originals.items():
-        current = weight_parameter(model, name).detach()
-        bounded = restrain_edit(original, current)
-        if bounded is not None:
-            load_weights(model, {name: bounded})
+    for name, original in state.originals.items():
+        raw = state.raw_edits[name]
+        bounded = restrain(raw, original)
+        if not torch.equal(bounded, raw.to(bounded.device, torch.float64)):
             restrained.append(name)
+        load_weights(model, {name: original.to(bounded.device, torch.float64) + bounded})
     LOG.info("PRUNE: restrained the accumulated edit of %s", restrained or "no module")
     return restrained
 
@@ -59,15 +74,33 @@ def apply_prune_to_model(
     model, tok, requests, hparams: PRUNEHyperParams, context: EditContext,
     state: Optional[SequentialState] = None,
 ) -> EditReport:
-    """A MEMIT round followed by the restraint. Without ``state`` the weights before this round are the original."""
+    """A MEMIT round; its update joins ``E_raw`` and the weight becomes ``W_orig + F(E_raw)`` (per schedule).
+    Without ``state`` (a non-sequential run) the weights before this round are the original."""
+    state = state if state is not None else SequentialState(track_prev_moments=False)
     modules = [hparams.rewrite_module(layer) for layer in hparams.layers]
-    originals = state.originals if state is not None else {}
-    originals.update(snapshot_weights(model, [m for m in modules if m not in originals]))
-    edited = {m: originals[m] for m in modules}
+    state.originals.update(snapshot_weights(model, [m for m in modules if m not in state.originals]))
+    before = snapshot_weights(model, modules)
     restrained: List[str] = []
-    # Restrain before the state absorbs the round, so C_prev holds the keys of the restrained model.
+
+    def accumulate(record) -> None:
+        after = snapshot_weights(model, modules)
+        for name in modules:
+            update = after[name].double() - before[name].double()
+            state.raw_edits[name] = state.raw_edits[name] + update if name in state.raw_edits else update
+        if hparams.prune_schedule == "every_round":
+            restrained.extend(set_restrained_weights(model, state))
+
+    # Bound before the state absorbs the round, so any keys it records come from the bounded model.
     report = locate_and_edit(model, tok, requests, hparams, context, state,
-                             requests_per_loop=hparams.z_requests_per_loop,
-                             after_update=lambda record: restrained.extend(restrain_accumulated_edits(model, edited)))
+                             requests_per_loop=hparams.z_requests_per_loop, after_update=accumulate)
     report.extra["restrained_modules"] = restrained
     return report
+
+
+def finish_prune(model, hparams: PRUNEHyperParams, state: SequentialState) -> Dict[str, List[str]]:
+    """After the last round: with ``after_last_round``, set ``W = W_orig + F(E_raw)`` once."""
+    if hparams.prune_schedule != "after_last_round" or state.finished:
+        return {"restrained_modules": []}
+    restrained = set_restrained_weights(model, state)
+    state.finished = True
+    return {"restrained_modules": restrained}

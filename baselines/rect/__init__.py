@@ -1,3 +1,3 @@
-from baselines.rect.rect_main import RECTHyperParams, apply_rect_to_model, keep_top_relative_entries, rect_solver
+from baselines.rect.rect_main import RECTHyperParams, apply_rect_to_model, keep_top_relative_entries
 
-__all__ = ["RECTHyperParams", "apply_rect_to_model", "keep_top_relative_entries", "rect_solver"]
+__all__ = ["RECTHyperParams", "apply_rect_to_model", "keep_top_relative_entries"]

@@ -1,12 +1,15 @@
 """RECT (Gu et al., 2024) on MEMIT: keep only the update entries that change their weight the most.
 
-Large sequential edits hurt general abilities mostly through many small relative changes; RECT keeps
-the entries of ``Delta`` whose relative magnitude ``|Delta| / (|W| + eps)`` is in the top
-``top_k_percent`` (W: the weight before the update) and zeroes the rest.
+Large sequential edits hurt general abilities mostly through many small relative changes. As in the
+reference (ECE's and AlphaEdit's memit/memit_rect_main.py:40-61): run a whole, unmasked MEMIT pass over
+all layers, put the weights back, and add to each layer only the entries of its final update ``Delta``
+whose relative size ``|Delta / (W + eps)|`` reaches the ``(100 - top_k_percent)``-th percentile
+(``torch.kthvalue`` with ``k = int(numel * (100 - top_k_percent) / 100)``; W: the weight before the
+round). Masking inside the layer loop instead would let later layers make up for the dropped entries.
+The rounds are plain MEMIT rounds without ``C_prev`` (AlphaEdit experiments/evaluate.py:245).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,19 +17,18 @@ import torch
 
 from baselines.memit.memit_main import MEMITHyperParams
 from rome.context import EditContext
-from rome.locate_edit import EditReport, locate_and_edit, memit_solver
+from rome.locate_edit import EditReport, locate_and_edit
 from rome.sequential import SequentialState
-from rome.update import Solver
 from util.hparams import require
-from util.weights import read_weight
+from util.weights import add_to_weight, load_weights, read_weight, snapshot_weights
 
-# Keeps the ratio finite for weights that are exactly zero; far below any trained weight's magnitude.
+# The reference's epsilon in |Delta / (W + eps)| (memit_rect_main.py:49).
 RELATIVE_EPS = 1e-8
 
 
 @dataclass
 class RECTHyperParams(MEMITHyperParams):
-    top_k_percent: float = 40.0  # share of each update's entries that is kept (published default 40%)
+    top_k_percent: float = 40.0  # share of each update's entries that is kept (the reference's k_percent = 40)
 
     def validate(self, source: str) -> None:
         super().validate(source)
@@ -34,33 +36,33 @@ class RECTHyperParams(MEMITHyperParams):
 
 
 def keep_top_relative_entries(delta: torch.Tensor, weight: torch.Tensor, top_k_percent: float) -> torch.Tensor:
-    """``delta`` with all but the ``top_k_percent`` largest ``|delta| / (|weight| + eps)`` entries zeroed."""
-    kept = math.ceil(delta.numel() * top_k_percent / 100)
-    if kept >= delta.numel():
+    """``delta`` with the entries whose ``|delta / (weight + eps)|`` is below the reference's threshold zeroed."""
+    k = int(delta.numel() * (100 - top_k_percent) / 100)
+    if k < 1:
         return delta
-    relative = delta.abs() / (weight.to(delta.device, delta.dtype).abs() + RELATIVE_EPS)
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.topk(relative.flatten(), kept, sorted=False).indices] = True
-    return delta * mask.view_as(delta)
-
-
-def rect_solver(model, hparams: RECTHyperParams, second_moments, state: Optional[SequentialState]) -> Solver:
-    """MEMIT's solve, then the relative top-k mask against the current weight (read before it changes)."""
-    solve_memit = memit_solver(hparams, second_moments, state)
-
-    def solve(layer, keys, residuals):
-        delta = solve_memit(layer, keys, residuals)
-        return keep_top_relative_entries(delta, read_weight(model, hparams.rewrite_module(layer)).detach(),
-                                         hparams.top_k_percent)
-
-    return solve
+    relative = (delta / (weight.to(delta.device, delta.dtype) + RELATIVE_EPS)).abs()
+    threshold = torch.kthvalue(relative.flatten(), k).values
+    return delta * (relative >= threshold)
 
 
 def apply_rect_to_model(
     model, tok, requests, hparams: RECTHyperParams, context: EditContext,
     state: Optional[SequentialState] = None,
 ) -> EditReport:
-    """Edit ``model`` in place; pass ``state`` for sequential editing."""
-    return locate_and_edit(model, tok, requests, hparams, context, state,
-                           make_solver=lambda hp, second_moments, st: rect_solver(model, hp, second_moments, st),
-                           requests_per_loop=hparams.z_requests_per_loop)
+    """An unmasked MEMIT round, undone, then each layer's masked final update applied; ``state`` counts rounds."""
+    modules = {layer: hparams.rewrite_module(layer) for layer in hparams.layers}
+    before = snapshot_weights(model, modules.values())
+    kept = {}
+
+    def mask_final_updates(record) -> None:
+        load_weights(model, before)
+        for layer, name in modules.items():
+            weight = read_weight(model, name).detach()
+            masked = keep_top_relative_entries(record.deltas[layer].to(weight.device), weight, hparams.top_k_percent)
+            add_to_weight(model, name, masked)
+            kept[str(layer)] = int((masked != 0).sum())
+
+    report = locate_and_edit(model, tok, requests, hparams, context, state,
+                             requests_per_loop=hparams.z_requests_per_loop, after_update=mask_final_updates)
+    report.extra["kept_entries"] = kept
+    return report
