@@ -1,13 +1,19 @@
 """ECE (explain, cluster, batch-optimise, restricted update): one sequential editing round.
 
-1. Explain: score every neuron of every edited layer for every request (``ece.explain``); the round's
-   neuron set ``S(l)`` is the nucleus of the scores summed over the requests.
-2. Cluster: requests whose own neuron sets overlap are grouped (``ece.cluster``).
+1. Explain: score every neuron of an edited layer for every request (``ece.explain``); the round's
+   neuron set ``S(l)`` is the nucleus of the scores summed over the requests. By default
+   (``score_layers_after_update``) layer ``l`` is scored inside the layer loop of step 4, just before its
+   solve, on the model whose earlier layers already carry this round's update, as upstream ECE-AS/RS do
+   (AS_main.py:113-125); AS and RS score the loop's own keys. Otherwise every layer is scored up front.
+2. Cluster: requests whose own neuron sets at the first edited layer overlap are grouped
+   (``ece.cluster``); those scores are taken before any update, where the first layer's in-loop scores
+   would be taken too.
 3. Batch-optimise: one target-value loop per cluster (``rome.target_values``, shared with MEMIT).
 4. Update: MEMIT's layer loop (``rome.update``) with the solve restricted to the columns ``S(l)``:
-   ``Delta[:, S] = R K_S^T (lambda C0[S,S] + C_prev[S,S] + K_S K_S^T)^{-1}``, other columns untouched.
-   ``C_prev += K K^T`` over all neurons afterwards (``rome.sequential``).
-5. Optional refinement: re-run the layer loop for requests whose remaining error is in (alpha, upper_bound).
+   ``Delta[:, S] = R K_S^T (lambda C0[S,S] + C_prev[S,S] + K_S K_S^T)^{-1}``, other columns untouched
+   (AS_main.py:169-184). ``C_prev += K K^T`` over all neurons afterwards (``rome.sequential``).
+5. Optional refinement: re-run the layer loop for requests whose remaining error is in (alpha, upper_bound),
+   with the sets ``S(l)`` decided in the main pass (upstream has no refinement to follow).
 
 With ``neuron_threshold = 1.0`` every neuron is selected, all requests fall in one cluster, and the
 round is exactly MEMIT_seq with one target loop for the round.
@@ -15,13 +21,13 @@ round is exactly MEMIT_seq with one target loop for the round.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from ece.cluster import cluster_requests, jaccard_similarity, optimisation_loops
-from ece.explain import SCORE_METHODS, neuron_scores, select_neurons
+from ece.explain import SCORE_METHODS, neuron_scores, scores_from_keys, select_neurons
 from ece.hparams import ECEHyperParams
 from rome.context import EditContext
 from rome.fact_tokens import states_at_fact_tokens
@@ -38,11 +44,60 @@ TOP_NEURONS_PER_REQUEST = 10
 __all__ = ["SCORE_METHODS", "apply_ece_to_model", "restricted_solver"]
 
 
+# score(layer, keys [n, d_in]) -> scores [n, d_in], on the model as it stands when the layer is solved
+LayerScorer = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class NeuronSelection:
+    """The neuron set ``S(l)`` of each edited layer and the per-request scores it came from.
+
+    A layer's set is decided once: from ``scores`` given up front, or else by ``score`` the first time the
+    layer loop asks for it (``columns``), just before the layer's solve. Later asks (refinement passes)
+    get the same set back.
+    """
+
+    def __init__(self, threshold: float, score: Optional[LayerScorer] = None,
+                 scores: Optional[Dict[int, torch.Tensor]] = None):
+        self.threshold = threshold
+        self.score = score
+        self.scores: Dict[int, torch.Tensor] = {}  # layer -> [n_requests, d_in], CPU
+        self.round_scores: Dict[int, torch.Tensor] = {}  # layer -> [d_in], summed over the requests
+        self.selected: Dict[int, torch.Tensor] = {}  # layer -> ascending neuron indices
+        self.seconds: Dict[str, float] = {}  # time spent scoring inside the layer loop
+        for layer, layer_scores in (scores or {}).items():
+            self._decide(layer, layer_scores)
+
+    def _decide(self, layer: int, scores: torch.Tensor) -> None:
+        self.scores[layer] = scores.cpu()
+        self.round_scores[layer] = self.scores[layer].sum(0)
+        self.selected[layer] = select_neurons(self.round_scores[layer], self.threshold)
+
+    def columns(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """``S(layer)``; ``keys`` ``[d_in, n]`` are the layer loop's, used only if the layer is still unscored."""
+        if layer not in self.selected:
+            if self.score is None:
+                raise KeyError(f"no neuron selection for layer {layer} and no scorer to make one")
+            with timed(self.seconds, "explain"):
+                self._decide(layer, self.score(layer, keys.T))
+        return self.selected[layer]
+
+
+def in_loop_scorer(model, tok, requests, hparams, template_groups, method: str) -> LayerScorer:
+    """Scores of one layer over ``requests`` on the model as it stands: AS and RS from the keys the loop
+    solves with (upstream scores ``layer_ks`` of its solve, AS_main.py:116-121), GA by its own backward."""
+    def score(layer: int, keys: torch.Tensor) -> torch.Tensor:
+        if method in ("AS", "RS"):
+            return scores_from_keys(model, hparams, layer, keys, method)
+        return neuron_scores(model, tok, requests, hparams, template_groups, method, layers=[layer])[layer]
+
+    return score
+
+
 def restricted_solver(hparams, second_moments, state: Optional[SequentialState],
-                      selected: Dict[int, torch.Tensor]) -> Solver:
-    """MEMIT's solve over the columns ``selected[layer]`` only; the full solve when all are selected."""
+                      selection: NeuronSelection) -> Solver:
+    """MEMIT's solve over the columns ``S(layer)`` only; the full solve when all are selected."""
     def solve(layer, keys, residuals):
-        columns = selected[layer]
+        columns = selection.columns(layer, keys)
         prev = state.prev_moment(layer) if state is not None else None
         c0 = second_moments[layer]
         if len(columns) == keys.shape[0]:
@@ -86,22 +141,30 @@ def apply_ece_to_model(
         second_moments = second_moments_or_identity(model, tok, hparams, context)
     with timed(report.seconds, "templates"):
         groups = context.context_templates(model, tok, hparams.context_template_length_params)
+    # WI depends neither on the requests nor on the earlier layers' weights: scoring it in the loop would
+    # give the same sets.
+    after_update = hparams.score_layers_after_update and method != "WI"
     with timed(report.seconds, "explain"):
-        scores = {l: s.cpu() for l, s in neuron_scores(model, tok, requests, hparams, groups, method).items()}
-        round_scores = {l: scores[l].sum(0) for l in layers}
-        selected = {l: select_neurons(round_scores[l], threshold) for l in layers}
-        own_sets = [select_neurons(row, threshold) for row in scores[layers[0]]]
+        # Scored after the update, only the first layer is needed now (clustering); no earlier layer of
+        # the round is updated when it is solved, so these scores are its in-loop scores as well.
+        up_front = layers[:1] if after_update else layers
+        scores = neuron_scores(model, tok, requests, hparams, groups, method, layers=up_front)
+        scorer = in_loop_scorer(model, tok, requests, hparams, groups, method) if after_update else None
+        selection = NeuronSelection(threshold, scorer, scores={l: s.cpu() for l, s in scores.items()})
+        first = selection.scores[layers[0]]
+        own_sets = [select_neurons(row, threshold) for row in first]
     with timed(report.seconds, "cluster"):
         labels = cluster_requests(own_sets, hparams.n_clusters, hparams.max_clusters, seed=context.seed,
-                                  width=scores[layers[0]].shape[1])
+                                  width=first.shape[1])
         loops = optimisation_loops(labels, loop_size(model, hparams))
-    LOG.info("ECE_%s: %d requests in %d clusters (%d loops); neurons selected per layer %s", method, len(requests),
-             int(labels.max()) + 1 if len(labels) else 0, len(loops), {l: len(s) for l, s in selected.items()})
+    LOG.info("ECE_%s: %d requests in %d clusters (%d loops); layers scored %s", method, len(requests),
+             int(labels.max()) + 1 if len(labels) else 0, len(loops),
+             "in the layer loop, after the earlier layers' update" if after_update else "before the update")
     with timed(report.seconds, "target_values"):
         values = compute_target_values(model, tok, requests, hparams, groups, z_layer=layers[-1], loops=loops,
                                        shared_delta=hparams.z_mode == "shared", prefix_cache=hparams.z_prefix_cache)
     with timed(report.seconds, "update"):
-        solve = restricted_solver(hparams, second_moments, state, selected)
+        solve = restricted_solver(hparams, second_moments, state, selection)
         record = spread_update_over_layers(model, tok, requests, hparams, values.targets, groups, solve)
         errors = remaining_errors(model, tok, requests, hparams, values.targets)
         refinements = []
@@ -116,13 +179,19 @@ def apply_ece_to_model(
             refinements.append({"iteration": iteration, "case_ids": [requests[i].get("case_id") for i in chosen]})
         if state is not None:
             state.absorb_round(model, tok, requests, hparams, groups)
+    # Scoring inside the layer loop is explaining, not updating: keep the stages disjoint.
+    in_loop = selection.seconds.get("explain", 0.0)
+    report.seconds["update"] -= in_loop
+    report.seconds["explain"] += in_loop
+    selected = selection.selected
+    LOG.info("ECE_%s: neurons selected per layer %s", method, {l: len(s) for l, s in selected.items()})
     report.target_loops, report.target_steps = values.loops, values.steps
     report.target_forward_tokens = values.forward_tokens
     report.residual_norms = record.residual_norms
     report.extra = {"neuron_score": method, "n_clusters": int(labels.max()) + 1,
                     "selected_neurons": {str(l): len(s) for l, s in selected.items()}}
-    report.explanation = _explanation(method, hparams, requests, scores, round_scores, selected, own_sets, labels,
-                                      loops, values, errors, refinements, report.seconds)
+    report.explanation = _explanation(method, hparams, requests, selection, after_update, own_sets, labels, loops,
+                                      values, errors, refinements, report.seconds)
     return report
 
 
@@ -130,9 +199,11 @@ def _top(scores: torch.Tensor, count: int) -> List[int]:
     return torch.topk(scores, min(count, len(scores))).indices.tolist()
 
 
-def _explanation(method, hparams, requests, scores, round_scores, selected, own_sets, labels: np.ndarray, loops,
-                 values, errors, refinements, seconds) -> dict:
-    """The round's explanation: which neurons were edited, and which facts were optimised together."""
+def _explanation(method, hparams, requests, selection: NeuronSelection, after_update: bool, own_sets,
+                 labels: np.ndarray, loops, values, errors, refinements, seconds) -> dict:
+    """The round's explanation: which neurons were edited (the sets the solves used, and the scores they
+    came from), and which facts were optimised together."""
+    scores, round_scores, selected = selection.scores, selection.round_scores, selection.selected
     layers = {}
     for l in hparams.layers:
         mass = round_scores[l]
@@ -167,6 +238,7 @@ def _explanation(method, hparams, requests, scores, round_scores, selected, own_
         })
     return {
         "method": f"ECE_{method}", "neuron_threshold": hparams.neuron_threshold, "z_mode": hparams.z_mode,
+        "scored_after_update": after_update,
         "n_requests": len(requests), "n_clusters": len(clusters), "n_loops": len(loops),
         "seconds": seconds, "layers": layers, "clusters": clusters, "requests": per_request,
         "refinement": refinements,

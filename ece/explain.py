@@ -5,7 +5,9 @@ A neuron is an input dimension of the rewrite module (the MLP down-projection), 
 
 - ``AS`` activation: ``|k_jn|``, the key (rewrite-module input at the fact token, template-averaged);
 - ``WI`` weight importance: ``||W[:, n]||_1``, the same for every request;
-- ``RS`` relevance: ``|k_jn| * ||W[:, n]||_1``, how much the neuron writes into the residual stream;
+- ``RS`` relevance: ``|k_jn| * ||W[:, n]||_1``, how much the neuron writes into the residual stream
+  (upstream RS_main.py:124-128 sums ``k_jk * |W[k, n]|`` over the rows ``k`` of the stored weight,
+  pairing an activation index with an output index; we keep the definition);
 - ``GA`` gradient attribution: ``|k_jn * d log p(target_true) / d k_jn|`` at the fact token, averaged
   over the templates, or integrated gradients from a zero activation with ``ig_steps`` steps.
 
@@ -29,7 +31,11 @@ SCORE_METHODS = ("AS", "WI", "RS", "GA")
 
 def select_neurons(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Indices (ascending) of the fewest highest-scoring neurons whose score reaches ``threshold`` of the
-    total (nucleus selection). ``threshold >= 1`` keeps every neuron, zeros included."""
+    total (nucleus selection). ``threshold >= 1`` keeps every neuron, zeros included.
+
+    The neuron that crosses the threshold is kept, as upstream ECE-WI does (WI_main.py:128, ``+ 2``), so
+    the kept mass always reaches the threshold; upstream ECE-AS/RS stop before it (AS_main.py:124).
+    """
     scores = scores.detach().float().flatten()
     if threshold >= 1.0 or float(scores.sum()) <= 0:
         return torch.arange(len(scores))
@@ -55,9 +61,17 @@ def neuron_scores(model, tok, requests, hparams, template_groups, method: str,
     if method == "WI":
         return {l: column_l1_norms(model, hparams, l).expand(len(requests), -1).clone() for l in layers}
     keys = compute_keys(model, tok, requests, hparams, layers, template_groups)
+    return {l: scores_from_keys(model, hparams, l, keys[l], method) for l in layers}
+
+
+def scores_from_keys(model, hparams, layer: int, keys: torch.Tensor, method: str) -> torch.Tensor:
+    """``AS`` or ``RS`` of one layer from keys ``[n_requests, d_in]`` already at hand, so that MEMIT's
+    layer loop can score the keys it is about to solve with (as ECE-AS does, AS_main.py:116-121)."""
     if method == "AS":
-        return {l: keys[l].float().abs() for l in layers}
-    return {l: keys[l].float().abs() * column_l1_norms(model, hparams, l).to(keys[l].device) for l in layers}
+        return keys.float().abs()
+    if method == "RS":
+        return keys.float().abs() * column_l1_norms(model, hparams, layer).to(keys.device)
+    raise ValueError(f"neuron score {method!r} is not a function of the keys alone; only AS and RS are")
 
 
 def _input_embedding_name(model) -> str:

@@ -14,6 +14,11 @@ Z_MODES = ("per_request", "shared")
 class ECEHyperParams(LocateEditHyperParams):
     # Explain: nucleus selection keeps the top neurons holding this share of the score (1.0: all).
     neuron_threshold: float = 0.8
+    # Explain: score each edited layer inside MEMIT's layer loop, over the round's requests, on the model
+    # whose earlier layers already carry this round's update, as upstream ECE-AS/RS do
+    # (AS_main.py:113-125, RS_main.py:113-137); false: score every layer once, before any update. WI
+    # reads only the layer's own weight, which the earlier layers' updates leave alone: the same either way.
+    score_layers_after_update: bool = True
     # GA only: integrated-gradient steps from a zero activation (0: plain gradient x activation).
     ig_steps: int = 0
     # Cluster: a fixed number of clusters, or None for the eigengap choice up to max_clusters.

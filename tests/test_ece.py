@@ -185,12 +185,14 @@ def test_shared_delta_mode_gives_one_delta_per_loop(tiny_llama, tiny_tok):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_columns_outside_the_selection_are_unchanged(arch, request, tiny_tok, stats_dir):
+    """The explanation reports the sets the solves used; a refinement pass keeps the main pass's sets."""
     model = request.getfixturevalue(f"tiny_{arch}")
-    hp = ece_hparams(arch, neuron_threshold=0.5)
+    hp = ece_hparams(arch, neuron_threshold=0.5, max_iterations=2, alpha=0.0, upper_bound=1e9)
     before = {l: read_weight(model, hp.rewrite_module(l)).clone() for l in hp.layers}
     state = SequentialState()
     report = apply_ece_to_model(model, tiny_tok, MORE_REQUESTS, hp, fixed_context(), state, method="AS")
     explanation = report.explanation
+    assert explanation["refinement"] and explanation["scored_after_update"]
     for l in hp.layers:
         change = (read_weight(model, hp.rewrite_module(l)) - before[l]).abs().sum(0)
         chosen = torch.tensor(explanation["layers"][str(l)]["selected_neurons"])
@@ -205,14 +207,15 @@ def test_columns_outside_the_selection_are_unchanged(arch, request, tiny_tok, st
     assert set(report.seconds) >= {"explain", "cluster", "target_values", "update"}
 
 
+@pytest.mark.parametrize("after_update", [True, False])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_threshold_one_is_sequential_memit(arch, request, tiny_tok, stats_dir):
+def test_threshold_one_is_sequential_memit(arch, after_update, request, tiny_tok, stats_dir):
     """neuron_threshold = 1.0 selects every neuron, so two ECE rounds equal two MEMIT_seq rounds with one
-    target loop per round: same weights and same C_prev, bit for bit."""
+    target loop per round: same weights and same C_prev, bit for bit, wherever the layers are scored."""
     model = request.getfixturevalue(f"tiny_{arch}")
     twin = copy.deepcopy(model)
     original = read_weight(model, "transformer.h.1.mlp.c_proj" if arch == "gpt2" else "model.layers.1.mlp.down_proj").clone()
-    ece_hp = ece_hparams(arch, neuron_threshold=1.0, v_num_grad_steps=6)
+    ece_hp = ece_hparams(arch, neuron_threshold=1.0, v_num_grad_steps=6, score_layers_after_update=after_update)
     memit_hp = make_hparams(arch, v_num_grad_steps=6, z_requests_per_loop=len(REQUESTS))
     ece_state, memit_state = SequentialState(), SequentialState()
     for round_requests in (REQUESTS, MORE_REQUESTS[3:]):
@@ -223,6 +226,61 @@ def test_threshold_one_is_sequential_memit(arch, request, tiny_tok, stats_dir):
         assert torch.equal(read_weight(model, ece_hp.rewrite_module(l)), read_weight(twin, ece_hp.rewrite_module(l)))
         assert torch.equal(ece_state.prev_moment(l), memit_state.prev_moment(l))
     assert not torch.equal(read_weight(model, ece_hp.rewrite_module(1)), original)
+
+
+def selections_on_the_partly_updated_model(original, edited, tok, hp, method):
+    """Each layer's set recomputed on a copy of ``original`` whose earlier layers carry ``edited``'s weights:
+    the model as MEMIT's layer loop has it just before that layer's solve."""
+    twin, sets = copy.deepcopy(original), {}
+    for l in hp.layers:
+        scores = neuron_scores(twin, tok, MORE_REQUESTS, hp, TEMPLATES, method, layers=[l])[l]
+        sets[l] = select_neurons(scores.sum(0), hp.neuron_threshold).tolist()
+        get_module(twin, hp.rewrite_module(l)).weight.copy_(get_module(edited, hp.rewrite_module(l)).weight)
+    return sets
+
+
+@pytest.mark.parametrize("arch,method", [("gpt2", "AS"), ("llama", "AS"), ("llama", "RS"), ("gpt2", "GA")])
+def test_each_layer_is_scored_after_the_earlier_layers_update(arch, method, request, tiny_tok, stats_dir):
+    """By default layer l's set is scored on the model whose layers before l carry the round's update, as
+    upstream ECE-AS/RS score inside MEMIT's layer loop (AS_main.py:113-125, RS_main.py:113-137);
+    score_layers_after_update=False keeps the sets scored once before any update."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    original, once = copy.deepcopy(model), copy.deepcopy(model)
+    hp = ece_hparams(arch, layers=[0, 1, 2], neuron_threshold=0.5, v_num_grad_steps=4)
+    assert hp.score_layers_after_update  # the default
+    after = apply_ece_to_model(model, tiny_tok, MORE_REQUESTS, hp, fixed_context(), None, method=method).explanation
+    before = apply_ece_to_model(once, tiny_tok, MORE_REQUESTS, replace(hp, score_layers_after_update=False),
+                                fixed_context(), None, method=method).explanation
+    used = lambda explanation: {l: explanation["layers"][str(l)]["selected_neurons"] for l in hp.layers}
+    assert after["scored_after_update"] and not before["scored_after_update"]
+    assert used(after) == selections_on_the_partly_updated_model(original, model, tiny_tok, hp, method)
+    scored_once = neuron_scores(original, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, method)
+    assert used(before) == {l: select_neurons(scores.sum(0), 0.5).tolist() for l, scores in scored_once.items()}
+    # Nothing is updated before the first layer; the later layers' sets move with the earlier updates.
+    assert used(after)[0] == used(before)[0]
+    assert used(after)[1] != used(before)[1] and used(after)[2] != used(before)[2]
+    for l in hp.layers:
+        assert after["layers"][str(l)]["mass_share"] >= 0.5
+
+
+def test_wi_is_the_same_scored_before_or_after_the_update(tiny_gpt2, tiny_tok, stats_dir):
+    """WI reads only the layer's own weight, which the earlier layers' updates leave alone: two sequential
+    rounds with a refinement pass give the same weights, C_prev and sets either way, bit for bit."""
+    twin = copy.deepcopy(tiny_gpt2)
+    hp = ece_hparams("gpt2", layers=[0, 1, 2], neuron_threshold=0.5, v_num_grad_steps=4, max_iterations=2,
+                     alpha=0.0, upper_bound=1e9)
+    runs = [(tiny_gpt2, hp, SequentialState()), (twin, replace(hp, score_layers_after_update=False), SequentialState())]
+    for round_requests in (REQUESTS, MORE_REQUESTS[3:]):
+        sets = []
+        for model, run_hp, state in runs:
+            explanation = apply_ece_to_model(model, tiny_tok, round_requests, run_hp, fixed_context(), state,
+                                             method="WI").explanation
+            assert explanation["refinement"] and not explanation["scored_after_update"]
+            sets.append({l: info["selected_neurons"] for l, info in explanation["layers"].items()})
+        assert sets[0] == sets[1] and all(0 < len(s) < 128 for s in sets[0].values())
+    for l in hp.layers:
+        assert torch.equal(read_weight(tiny_gpt2, hp.rewrite_module(l)), read_weight(twin, hp.rewrite_module(l)))
+        assert torch.equal(runs[0][2].prev_moment(l), runs[1][2].prev_moment(l))
 
 
 def test_refinement_reruns_only_requests_in_the_error_band(tiny_llama, tiny_tok, stats_dir):
