@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import summarize
 from experiments import evaluate
@@ -108,6 +109,9 @@ def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch
             run(*args)
     interrupted = sorted((env / "results" / "MEMIT").glob("run_*"))[-1]
     assert len(cases(interrupted)) == 1  # the first round's cases are on disk, nothing else
+    # MEMIT --sequential is AlphaEdit's plain MEMIT row: the edits are kept, C_prev never is.
+    saved = torch.load(interrupted / "sequential_state.pt", weights_only=True)["state"]
+    assert saved["prev_moments"] == {} and saved["track_prev_moments"] is False and saved["rounds"] == 1
     resumed = cases(run(*args, "--continue_from_run", interrupted.name))
     assert resumed.keys() == reference.keys()
     for name, case in reference.items():
