@@ -15,6 +15,11 @@ the last round of a sequential run).
   specificity success = mean over neighbourhood prompts of ``[NLL_true < NLL_new]`` (ties count as failures);
   efficacy / generalization magnitude = mean of ``exp(-NLL_new) - exp(-NLL_true)``, specificity magnitude =
   mean of ``exp(-NLL_true) - exp(-NLL_new)``. Fluency = ``ngram_entropy``, Consistency = ``reference_score``.
+  Both depend on how the texts were generated (``generation_protocol`` in the case files: ``published`` =
+  MEMIT's top-k 5 sampling of 100 tokens, ``greedy``) and Consistency on its references and tf-idf statistics
+  (``consistency_source``: published, or the WikiText+CounterFact substitute). The table names both; cases of
+  one stage generated with different protocols, or scored with different sources, are not averaged together
+  (the metric is left empty, with a warning and a note).
 * zsRE (``*_prompts_correct``: per prompt a list of per-token booleans), per case: accuracy = mean over prompts
   of the prompt's mean token correctness.
 * Per run and stage: the mean over cases and the 95% interval ``mean +- 1.96 * std / sqrt(n)`` (``std`` is
@@ -67,6 +72,8 @@ Z_95 = 1.96
 PERCENT = 100.0
 DOWNSTREAM_METRIC_ORDER = ("accuracy", "f1", "mcc")
 DOWNSTREAM_PLOT_NAME = "downstream.png"
+NOT_RECORDED = "not recorded"
+MIXED = "mixed"
 
 
 class SummarizeError(Exception):
@@ -206,7 +213,11 @@ def summarize_stage(per_case: list[dict], dataset: str, stage_name: str) -> dict
     if dataset == COUNTERFACT:
         for metric in MAGNITUDE_METRICS:
             out[metric] = interval(c[metric] for c in per_case)
+        _check_generation_sources(per_case, out)
         for metric, key in (("fluency", "ngram_entropy"), ("consistency", "reference_score")):
+            if out.get(f"{metric}_status") == MIXED:
+                out[metric] = None
+                continue
             out[metric] = interval(c[metric] for c in per_case)
             n_present = sum(c[metric] is not None for c in per_case)
             if out[metric] is None:
@@ -222,13 +233,91 @@ def summarize_stage(per_case: list[dict], dataset: str, stage_name: str) -> dict
         if out["consistency_status"] == "unavailable":
             out["notes"].append(
                 f"consistency unavailable: reference_score is null in all {len(per_case)} cases "
-                "(attribute snippets / idf files were missing when the run was evaluated)"
+                "(neither published nor substitute references and tf-idf statistics when the run was evaluated)"
             )
     else:
         for metric in MAGNITUDE_METRICS + ("fluency", "consistency"):
             out[metric] = None
         out["fluency_status"] = out["consistency_status"] = "absent"
+        out["generation_protocol"] = out["consistency_source"] = None
     return out
+
+
+def generation_protocol_of(stage: dict, stage_name: str = "post") -> dict | None:
+    """The protocol that generated a stage's texts (``{"name": "not recorded"}`` for generation metrics
+    written before protocols were stored), or ``None`` when the stage has no generation metrics."""
+    if "ngram_entropy" not in stage and "text" not in stage:
+        return None
+    protocol = stage.get("generation_protocol")
+    if protocol is None:
+        return {"name": NOT_RECORDED}
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("name"), str):
+        raise ValueError(f"'{stage_name}.generation_protocol' must be an object with a 'name', got {protocol!r}")
+    return protocol
+
+
+def _protocol_identity(protocol: dict) -> str:
+    """What makes two protocols comparable: every parameter except the seed."""
+    return json.dumps({k: v for k, v in protocol.items() if k != "seed"}, sort_keys=True)
+
+
+def describe_protocol(protocol: dict | None) -> str:
+    if protocol is None:
+        return "-"
+    name = protocol["name"]
+    if name == "published":
+        seed = protocol.get("seed")
+        seeds = ", ".join(map(str, seed)) if isinstance(seed, list) else seed
+        return (f"published: top-k {protocol.get('top_k')} sampling, {protocol.get('max_out_len')} tokens "
+                f"including the prompt, seed {seeds} (MEMIT generate_fast)")
+    if name == "greedy":
+        return f"greedy: argmax decoding, {protocol.get('max_new_tokens')} new tokens"
+    if name == NOT_RECORDED:
+        return "not recorded: the case files do not say how their texts were generated"
+    return name
+
+
+def _check_generation_sources(per_case: list[dict], out: dict) -> None:
+    """Set the stage's ``generation_protocol`` and ``consistency_source``; mark fluency and consistency
+    ``mixed`` (not aggregated) when its cases used different protocols or consistency sources."""
+    protocols: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    seeds: list = []
+    for case in per_case:
+        protocol = case.get("_generation_protocol")
+        if protocol is None:
+            continue
+        identity = _protocol_identity(protocol)
+        protocols.setdefault(identity, protocol)
+        counts[identity] = counts.get(identity, 0) + 1
+        if "seed" in protocol and protocol["seed"] not in seeds:
+            seeds.append(protocol["seed"])
+    out["generation_protocol"] = None
+    if len(protocols) == 1:
+        out["generation_protocol"] = dict(next(iter(protocols.values())))
+        if len(seeds) > 1:
+            out["generation_protocol"]["seed"] = seeds
+    elif len(protocols) > 1:
+        found = "; ".join(f"{counts[k]} cases {describe_protocol(p)}" for k, p in protocols.items())
+        out["generation_protocol"] = {"name": MIXED, "protocols": list(protocols.values())}
+        out["fluency_status"] = out["consistency_status"] = MIXED
+        message = f"fluency and consistency not aggregated: the cases mix generation protocols ({found})"
+        out["notes"].append(message)
+        logger.warning("stage %s: %s", out["stage"], message)
+    sources: dict[str, int] = {}
+    for case in per_case:
+        if case["consistency"] is not None:
+            source = case.get("_consistency_source") or NOT_RECORDED
+            sources[source] = sources.get(source, 0) + 1
+    out["consistency_source"] = next(iter(sources)) if len(sources) == 1 else None
+    if len(sources) > 1:
+        out["consistency_source"] = MIXED
+        if out.get("consistency_status") != MIXED:
+            out["consistency_status"] = MIXED
+            found = "; ".join(f"{n} cases {source}" for source, n in sources.items())
+            message = f"consistency not aggregated: the cases mix references / tf-idf statistics ({found})"
+            out["notes"].append(message)
+            logger.warning("stage %s: %s", out["stage"], message)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,6 +436,8 @@ def _read_case(path: Path) -> tuple[dict, str, dict[str, dict]]:
                 m = counterfact_case_metrics(stage, stage_name)
                 m["_fluency_key"] = "ngram_entropy" in stage
                 m["_consistency_key"] = "reference_score" in stage
+                m["_generation_protocol"] = generation_protocol_of(stage, stage_name)
+                m["_consistency_source"] = stage.get("consistency_source")
             else:
                 m = zsre_case_metrics(stage, stage_name)
             metrics[stage_name] = m
@@ -453,6 +544,11 @@ def summarize_run(run_dir: Path) -> dict:
     for s in STAGES:
         if per_stage[s] and len(per_stage[s]) < len(files):
             stages[s]["notes"].append(f"{s} metrics present in {len(per_stage[s])} of {len(files)} case files")
+        protocol = stages[s].get("generation_protocol") if s in stages else None
+        asked = params.get("generation_protocol")
+        if protocol is not None and asked is not None and protocol["name"] not in (asked, MIXED):
+            stages[s]["notes"].append(f"params.json asks for the {asked} generation protocol but the case files "
+                                      f"record {protocol['name']}")
     return {
         "run": run_dir.name,
         "path": str(run_dir),
@@ -461,6 +557,7 @@ def summarize_run(run_dir: Path) -> dict:
         "ds_name": params.get("ds_name"),
         "num_edits": params.get("num_edits"),
         "sequential": params.get("sequential"),
+        "generation_protocol": params.get("generation_protocol"),
         "dataset": dataset,
         "n_cases": len(files),
         **edit_rounds(records),
@@ -609,16 +706,40 @@ def _dataset_label(run: dict) -> str:
     return {COUNTERFACT: "CounterFact", ZSRE: "zsRE"}.get(run.get("dataset"), "no cases")
 
 
+def _stage_values(runs: list[dict], key: str) -> list:
+    return [stage.get(key) for run in runs for stage in run["stages"].values() if stage.get(key) is not None]
+
+
+def consistency_header(runs: list[dict]) -> str:
+    """The Consistency column named with its source (published or substitute), never bare."""
+    sources = list(dict.fromkeys(_stage_values(runs, "consistency_source")))
+    if not sources:
+        return "Consistency (unavailable)"
+    if len(sources) == 1 and sources[0] != MIXED:
+        return f"Consistency ({sources[0]})"
+    return "Consistency (sources differ: see the runs below)"
+
+
+def _protocols_shown(runs: list[dict]) -> dict[str, dict]:
+    shown: dict[str, dict] = {}
+    for protocol in _stage_values(runs, "generation_protocol"):
+        for p in protocol.get("protocols", [protocol]) if protocol["name"] == MIXED else [protocol]:
+            shown.setdefault(_protocol_identity(p), p)
+    return shown
+
+
 def render_text(runs: list[dict], results_path: Path | None = None) -> str:
-    headers = ["Run", "Stage", "N cases", "Efficacy", "Generalization", "Specificity", "Score", "Fluency",
-               "Consistency", "Eff. magn.", "Gen. magn.", "Spec. magn.", "s/round"]
+    headers = ["Run", "Stage", "N cases", "Efficacy", "Generalization", "Specificity", "Score", "Generation",
+               "Fluency", consistency_header(runs), "Eff. magn.", "Gen. magn.", "Spec. magn.", "s/round"]
     rows = []
     for run in runs:
         if not run["stages"]:
             rows.append([run["run"], "-", "0", *["-"] * (len(headers) - 3)])
             continue
         for stage_name, stage in run["stages"].items():
-            consistency_missing = "n/a" if stage.get("consistency_status") == "unavailable" else "-"
+            consistency_missing = {"unavailable": "n/a", MIXED: MIXED}.get(stage.get("consistency_status"), "-")
+            fluency_missing = MIXED if stage.get("fluency_status") == MIXED else "-"
+            protocol = stage.get("generation_protocol")
             rows.append([
                 run["run"],
                 stage_name,
@@ -627,7 +748,8 @@ def render_text(runs: list[dict], results_path: Path | None = None) -> str:
                 format_stat(stage["generalization"]),
                 format_stat(stage["specificity"]),
                 "-" if stage["score"] is None else f"{stage['score']:.1f}",
-                format_stat(stage["fluency"]),
+                "-" if protocol is None else protocol["name"],
+                format_stat(stage["fluency"], missing=fluency_missing),
                 format_stat(stage["consistency"], missing=consistency_missing),
                 format_stat(stage["efficacy_magnitude"]),
                 format_stat(stage["generalization_magnitude"]),
@@ -646,8 +768,17 @@ def render_text(runs: list[dict], results_path: Path | None = None) -> str:
         "Magnitudes: mean probability difference (new - true; true - new for Specificity), in %. "
         "Fluency (n-gram entropy) and Consistency (tf-idf cosine) x100, as in the MEMIT tables.",
         "Stages: " + "; ".join(f"{STAGE_LABELS[s]}" for s in STAGES) + ".",
-        "",
     ]
+    protocols = _protocols_shown(runs)
+    if protocols:
+        lines.append("Generation (texts for Fluency and Consistency): "
+                     + "; ".join(describe_protocol(p) for p in protocols.values()) + ".")
+    if len(protocols) > 1:
+        names = ", ".join(p["name"] for p in protocols.values())
+        logger.warning("the table shows runs generated with different protocols (%s)", names)
+        lines.append(f"WARNING: these rows were generated with different protocols ({names}); their Fluency and "
+                     "Consistency are not comparable with each other.")
+    lines.append("")
     for run in runs:
         mode = {True: "sequential", False: "non-sequential"}.get(run.get("sequential"), "sequential: ?")
         details = ", ".join(str(x) for x in (run.get("alg_name"), run.get("model_name")) if x) or "?"
@@ -662,6 +793,9 @@ def render_text(runs: list[dict], results_path: Path | None = None) -> str:
             f"{run['run']}: {details}; {ds} ({_dataset_label(run)}), {run.get('num_edits', '?')} edits/round, "
             f"{mode}; {run['n_cases']} cases in {run['n_rounds']} rounds, {timing}"
         )
+        sources = list(dict.fromkeys(_stage_values([run], "consistency_source")))
+        if sources:
+            lines.append(f"  consistency source: {', '.join(sources)}")
         for stage_name, stage in run["stages"].items():
             for note in stage["notes"]:
                 lines.append(f"  note ({stage_name}): {note}")

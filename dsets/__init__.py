@@ -1,9 +1,15 @@
 """Datasets in MEMIT's formats and the lookup of their files (see DESIGN.md section 6)."""
 from dsets.attr_snippets import (
+    PUBLISHED_SOURCE,
+    SUBSTITUTE_SOURCE,
     AttributeSnippets,
+    ConsistencyResources,
+    consistency_resources,
     consistency_unavailable_reason,
+    counterfact_reference_entries,
     load_attribute_snippets,
     load_consistency_resources,
+    substitute_consistency_resources,
 )
 from dsets.counterfact import CounterFactDataset, MultiCounterFactDataset
 from dsets.data_files import (
@@ -14,11 +20,20 @@ from dsets.data_files import (
     locate_data_file,
 )
 from dsets.knowns import KnownsDataset
-from dsets.tfidf_stats import TfidfVectors, load_tfidf_vectors, tfidf_similarity
+from dsets.tfidf_stats import (
+    TfidfVectors,
+    cached_tfidf_vectors,
+    fit_tfidf_vectors,
+    load_tfidf_vectors,
+    tfidf_similarity,
+)
 from dsets.zsre import MENDQADataset, convert_zsre_record
 
 __all__ = [
+    "PUBLISHED_SOURCE",
+    "SUBSTITUTE_SOURCE",
     "AttributeSnippets",
+    "ConsistencyResources",
     "CounterFactDataset",
     "DATA_URLS",
     "DataFileNotFoundError",
@@ -26,13 +41,18 @@ __all__ = [
     "MENDQADataset",
     "MultiCounterFactDataset",
     "TfidfVectors",
+    "cached_tfidf_vectors",
+    "consistency_resources",
     "consistency_unavailable_reason",
     "convert_zsre_record",
+    "counterfact_reference_entries",
     "data_dir_candidates",
     "find_data_file",
+    "fit_tfidf_vectors",
     "load_attribute_snippets",
     "load_consistency_resources",
     "load_tfidf_vectors",
     "locate_data_file",
+    "substitute_consistency_resources",
     "tfidf_similarity",
 ]

@@ -4,23 +4,39 @@
 "text"}, ...]}``. ``snips[relation_id][target_id]`` is the list of samples of every subject with that
 relation and object. The file is looked up like a data file but never downloaded here;
 ``load_attribute_snippets`` returns None when it is missing.
+
+The shared data folder has neither the snippets nor ROME's tf-idf statistics, so ``consistency_resources``
+falls back to a labelled substitute (``SUBSTITUTE_SOURCE``): reference sentences built from CounterFact
+itself (``counterfact_reference_entries``) and tf-idf statistics fitted on WikiText paragraphs plus those
+CounterFact sentences, cached in the statistics folder. Its scores are not comparable with published ones.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from dsets.data_files import data_dir_candidates, locate_data_file
-from dsets.tfidf_stats import IDF_FILE, VOCAB_FILE, TfidfVectors, load_tfidf_vectors
+from dsets.tfidf_stats import IDF_FILE, VOCAB_FILE, TfidfVectors, cached_tfidf_vectors, load_tfidf_vectors
+from util.paths import get_paths
 
 LOG = logging.getLogger(__name__)
 
 SNIPPETS_FILE = "attribute_snippets.json"
 CONSISTENCY_FILES = (SNIPPETS_FILE, IDF_FILE, VOCAB_FILE)
+
+PUBLISHED_SOURCE = "published: ROME attribute snippets + tf-idf statistics"
+SUBSTITUTE_SOURCE = "tf-idf substitute: WikiText+CounterFact"
+SUBSTITUTE_CACHE_DIR = "tfidf_substitute"
+# Changing how the substitute corpus is built must change this, so that cached statistics are refitted.
+SUBSTITUTE_RECIPE = "1: WikiText paragraphs + unique CounterFact sentences; sklearn-default tf-idf"
+WIKITEXT_FILES = ("wikitext/wiki.valid.raw", "wikitext/wiki.test.raw")
+COUNTERFACT_FILES = ("counterfact.json", "multi_counterfact.json")
 
 
 class AttributeSnippets:
@@ -29,7 +45,17 @@ class AttributeSnippets:
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = Path(path)
         with open(self.path) as f:
-            entries = json.load(f)
+            self._index(json.load(f))
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[dict]) -> "AttributeSnippets":
+        """Snippets from entries in the file's format, e.g. ``counterfact_reference_entries``."""
+        snippets = cls.__new__(cls)
+        snippets.path = None
+        snippets._index(entries)
+        return snippets
+
+    def _index(self, entries: Sequence[dict]) -> None:
         self._data: Dict[str, Dict[str, List[dict]]] = defaultdict(lambda: defaultdict(list))
         for entry in entries:
             self._data[entry["relation_id"]][entry["target_id"]].extend(entry["samples"])
@@ -72,3 +98,115 @@ def load_consistency_resources(
         LOG.warning("consistency (reference score) unavailable: %s", reason)
         return None, None
     return load_attribute_snippets(data_dir), load_tfidf_vectors(data_dir)
+
+
+def counterfact_reference_entries(records: Sequence[dict]) -> List[dict]:
+    """Snippet entries (``{"relation_id", "target_id", "samples"}``) made of CounterFact sentences that state
+    a true ``(subject, relation, object)``: the rewrite prompt and the neighbourhood prompts completed with
+    ``target_true``, and the attribute prompts (other subjects that have ``target_new``) completed with
+    ``target_new``. They stand in for ROME's Wikipedia snippets about subjects with that relation and object;
+    duplicates are dropped, the first occurrence kept."""
+    samples: Dict[Tuple[str, str], Dict[str, dict]] = defaultdict(dict)
+
+    def add(relation_id: str, target: dict, name: str, prompt: str) -> None:
+        text = f"{prompt} {target['str']}"
+        samples[(relation_id, target["id"])].setdefault(text, {"name": name, "text": text})
+
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        relation_id, true, new = rewrite["relation_id"], rewrite["target_true"], rewrite["target_new"]
+        add(relation_id, true, rewrite["subject"], rewrite["prompt"].format(rewrite["subject"]))
+        for prompt in record.get("neighborhood_prompts", []):
+            add(relation_id, true, "", prompt)
+        for prompt in record.get("attribute_prompts", []):
+            add(relation_id, new, "", prompt)
+    return [{"relation_id": relation_id, "target_id": target_id, "samples": list(by_text.values())}
+            for (relation_id, target_id), by_text in samples.items()]
+
+
+def wikitext_paragraphs(path: Union[str, os.PathLike]) -> Iterator[str]:
+    """The non-empty, non-heading lines of a raw WikiText file (one paragraph each, like ROME's snippets)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("="):
+                yield line
+
+
+def _counterfact_sentences(records: Sequence[dict], entries: Sequence[dict]) -> List[str]:
+    """Reference sentences plus paraphrase and generation prompts, each once, for the idf corpus."""
+    texts = [sample["text"] for entry in entries for sample in entry["samples"]]
+    for record in records:
+        texts += record.get("paraphrase_prompts", []) + record.get("generation_prompts", [])
+    return list(dict.fromkeys(texts))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ConsistencyResources:
+    """What the consistency metric needs, and which kind it is.
+
+    ``source`` is ``PUBLISHED_SOURCE`` or ``SUBSTITUTE_SOURCE`` and is stored with every reference score;
+    when nothing is available ``snippets``/``vectors``/``source`` are None and ``unavailable_reason`` says why.
+    """
+
+    snippets: Optional[AttributeSnippets]
+    vectors: Optional[TfidfVectors]
+    source: Optional[str]
+    unavailable_reason: Optional[str] = None
+
+
+def substitute_consistency_resources(
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    stats_dir: Optional[Union[str, os.PathLike]] = None,
+) -> ConsistencyResources:
+    """The WikiText+CounterFact substitute; its tf-idf statistics are cached in
+    ``<stats_dir>/tfidf_substitute`` (default: the project's STATS_DIR) and refitted when an input changes."""
+    counterfact_path = locate_data_file(COUNTERFACT_FILES, data_dir)
+    wikitext_paths = [locate_data_file(name, data_dir) for name in WIKITEXT_FILES]
+    missing = ([] if counterfact_path else [" or ".join(COUNTERFACT_FILES)]) + [
+        name for name, path in zip(WIKITEXT_FILES, wikitext_paths) if path is None
+    ]
+    if missing:
+        folders = ", ".join(str(folder) for folder, _ in data_dir_candidates(data_dir))
+        return ConsistencyResources(None, None, None, (
+            f"{consistency_unavailable_reason(data_dir)}; the substitute needs {', '.join(missing)}, "
+            f"not found in the data folders ({folders}) either"
+        ))
+    with open(counterfact_path) as f:
+        records = json.load(f)
+    entries = counterfact_reference_entries(records)
+    inputs = [counterfact_path, *wikitext_paths]
+    fingerprint = {"recipe": SUBSTITUTE_RECIPE, "files": {path.name: _sha256(path) for path in inputs}}
+
+    def documents() -> Iterator[str]:
+        for path in wikitext_paths:
+            yield from wikitext_paragraphs(path)
+        yield from _counterfact_sentences(records, entries)
+
+    folder = Path(stats_dir if stats_dir is not None else get_paths().stats_dir) / SUBSTITUTE_CACHE_DIR
+    vectors = cached_tfidf_vectors(folder, fingerprint, documents)
+    return ConsistencyResources(AttributeSnippets.from_entries(entries), vectors, SUBSTITUTE_SOURCE)
+
+
+def consistency_resources(
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    stats_dir: Optional[Union[str, os.PathLike]] = None,
+) -> ConsistencyResources:
+    """The published snippets and statistics when all three files are in the data folders, else the labelled
+    substitute, else nothing (with the reason)."""
+    if consistency_unavailable_reason(data_dir) is None:
+        return ConsistencyResources(load_attribute_snippets(data_dir), load_tfidf_vectors(data_dir), PUBLISHED_SOURCE)
+    LOG.warning("published consistency files missing (%s); using the %s", ", ".join(CONSISTENCY_FILES),
+                SUBSTITUTE_SOURCE)
+    resources = substitute_consistency_resources(data_dir, stats_dir)
+    if resources.unavailable_reason is not None:
+        LOG.warning("consistency (reference score) unavailable: %s", resources.unavailable_reason)
+    return resources

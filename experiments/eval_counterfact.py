@@ -9,15 +9,20 @@
     paraphrase_prompts_correct  [bool]   same, target_new
     neighborhood_prompts_correct [bool]  same, target_true
     # unless skip_generation:
-    text                        greedy generations from generation_prompts (prompt + continuation)
+    text                        generations from generation_prompts (prompt + continuation)
+    generation_protocol         how they were generated (GenerationProtocol.to_dict)
     ngram_entropy               fluency: mean over texts of MEMIT's weighted bi/tri-gram entropy (bits)
     ngram_tokenizer             which word tokenizer the entropy used
-    reference_score             consistency: tf-idf cosine of the generations and the attribute snippets
-                                of (relation, target_new), or None with
-    consistency_unavailable     why it could not be computed (missing snippets / tf-idf files)
+    reference_score             consistency: tf-idf cosine of the generations and the reference texts of
+                                (relation, target_new), or None with
+    consistency_unavailable     why it could not be computed
+    consistency_source          which references and statistics the score used (published or substitute)
 
-MEMIT sampled its generations (top-k 5, 100 tokens in all); DESIGN.md asks for greedy ones, the default
-here. Pass ``do_sample=True, top_k=5`` to sample like MEMIT. MEMIT's ``essence_score`` is not computed.
+The default generation protocol is MEMIT's published one (``test_generation`` in kmeng01/memit
+experiments/py/eval_utils_counterfact.py lines 186-217): top-k 5 sampling, 100 tokens including the prompt,
+one text per generation prompt; each prompt is seeded from the run seed, the case id and its position, so
+reruns and resumed runs give the same texts. ``greedy`` (argmax, 50 new tokens) is kept as an option; its
+fluency numbers are not comparable with the published tables. MEMIT's ``essence_score`` is not computed.
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ import logging
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from dsets.tfidf_stats import tfidf_similarity
-from util.generate import generate_texts
+from util.generate import generate_texts, generation_seed, sample_top_k_texts
 from util.scoring import continuation_scores
 
 LOG = logging.getLogger(__name__)
@@ -37,6 +43,9 @@ LOG = logging.getLogger(__name__)
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
+PUBLISHED = "published"
+GREEDY = "greedy"
+GENERATION_PROTOCOLS = (PUBLISHED, GREEDY)
 NO_CONSISTENCY_FILES = (
     "attribute snippets and tf-idf statistics were not provided (attribute_snippets.json, idf.npy and "
     "tfidf_vocab.json are needed and are not downloaded automatically)"
@@ -102,13 +111,42 @@ def _snippet_texts(snips, relation_id, target_id) -> List[str]:
     return [sample["text"] for sample in samples]
 
 
-def _generate(model, tok, prompts: List[str], max_new_tokens: int, do_sample: bool, top_k, seed) -> List[str]:
-    """Generations for each prompt; greedy decoding runs each distinct prompt once."""
-    if do_sample:
-        return generate_texts(model, tok, prompts, max_new_tokens, do_sample=True, top_k=top_k, seed=seed)
-    unique = list(dict.fromkeys(prompts))
-    by_prompt = dict(zip(unique, generate_texts(model, tok, unique, max_new_tokens)))
-    return [by_prompt[p] for p in prompts]
+@dataclass(frozen=True)
+class GenerationProtocol:
+    """How the fluency/consistency texts are generated; ``to_dict`` is stored with every case's metrics.
+
+    ``published``: top-k sampling with ``top_k`` and ``max_out_len`` tokens per text including the prompt
+    (MEMIT: 5 and 100), seeded per prompt from ``seed``. ``greedy``: argmax decoding of ``max_new_tokens``
+    new tokens (this project's earlier default, 50), stopping at the end-of-text token.
+    """
+
+    name: str = PUBLISHED
+    seed: int = 0
+    top_k: int = 5
+    max_out_len: int = 100
+    max_new_tokens: int = 50
+
+    def __post_init__(self):
+        if self.name not in GENERATION_PROTOCOLS:
+            raise ValueError(f"unknown generation protocol {self.name!r}; use one of {', '.join(GENERATION_PROTOCOLS)}")
+
+    def to_dict(self) -> Dict:
+        if self.name == GREEDY:
+            return {"name": GREEDY, "decoding": "greedy (argmax)", "max_new_tokens": self.max_new_tokens,
+                    "length_includes_prompt": False, "stops_at_eos": True}
+        return {"name": PUBLISHED, "decoding": "top-k sampling", "top_k": self.top_k, "max_out_len": self.max_out_len,
+                "length_includes_prompt": True, "n_gen_per_prompt": 1, "stops_at_eos": False, "seed": self.seed,
+                "seeding": "one torch.Generator per prompt, seeded from sha256(seed:case_id:prompt index)",
+                "reference": "MEMIT util/generate.py generate_fast, eval_utils_counterfact.py test_generation"}
+
+    def generate(self, model, tok, prompts: List[str], case_id) -> List[str]:
+        """Texts for one case's prompts; greedy decoding runs each distinct prompt once."""
+        if self.name == PUBLISHED:
+            seeds = [generation_seed(self.seed, case_id, i) for i in range(len(prompts))]
+            return sample_top_k_texts(model, tok, prompts, seeds, max_out_len=self.max_out_len, top_k=self.top_k)
+        unique = list(dict.fromkeys(prompts))
+        by_prompt = dict(zip(unique, generate_texts(model, tok, unique, self.max_new_tokens)))
+        return [by_prompt[p] for p in prompts]
 
 
 def compute_rewrite_quality_counterfact(
@@ -118,17 +156,16 @@ def compute_rewrite_quality_counterfact(
     snips=None,
     vec=None,
     skip_generation: bool = False,
-    max_new_tokens: int = 50,
-    do_sample: bool = False,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None,
+    generation_protocol: GenerationProtocol = GenerationProtocol(),
+    consistency_source: Optional[str] = None,
     consistency_unavailable: Optional[str] = None,
     batch_size: int = 32,
 ) -> Dict:
     """Probabilities (and unless ``skip_generation``, generation metrics) of one CounterFact record.
 
     All prompts and both targets are scored in one batched ``continuation_scores`` call.
-    ``consistency_unavailable`` is the reason stored when ``snips``/``vec`` are None (a default is used).
+    ``consistency_source`` labels the references and statistics in ``snips``/``vec`` (published or
+    substitute); ``consistency_unavailable`` is the reason stored when they are None (a default is used).
     """
     rewrite = record["requested_rewrite"]
     target_new, target_true = rewrite["target_new"]["str"], rewrite["target_true"]["str"]
@@ -154,8 +191,11 @@ def compute_rewrite_quality_counterfact(
     if skip_generation:
         return ret
     generation_prompts = list(record.get("generation_prompts", []))
-    texts = _generate(model, tok, generation_prompts, max_new_tokens, do_sample, top_k, seed) if generation_prompts else []
+    texts = []
+    if generation_prompts:
+        texts = generation_protocol.generate(model, tok, generation_prompts, record.get("case_id"))
     ret["text"] = texts
+    ret["generation_protocol"] = generation_protocol.to_dict()
     ret["ngram_entropy"] = n_gram_entropy(texts) if texts else None
     ret["ngram_tokenizer"] = ngram_tokenizer_name()
 
@@ -171,6 +211,7 @@ def compute_rewrite_quality_counterfact(
                       f"{rewrite['target_new'].get('id')!r}")
         else:
             ret["reference_score"] = tfidf_similarity(" ".join(texts), " ".join(references), vec)
+            ret["consistency_source"] = consistency_source or "unknown (the caller gave no source)"
     if reason is not None:
         ret["reference_score"] = None
         ret["consistency_unavailable"] = reason

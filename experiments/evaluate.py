@@ -104,16 +104,25 @@ def new_run_dir(alg_dir: Path) -> Path:
 
 
 class Evaluator:
-    """Per-case metrics of one dataset, with the generation tests every ``interval`` cases."""
+    """Per-case metrics of one dataset, with the generation tests every ``interval`` cases.
 
-    def __init__(self, ds_name: str, data_dir, skip_generation: bool, interval: int, batch_size: int):
+    ``generation_protocol`` ("published": MEMIT's top-k 5 sampling of 100 tokens, seeded from ``seed`` and the
+    case id; or "greedy") and the consistency source (published files or the labelled substitute) are
+    recorded in every case's generation metrics.
+    """
+
+    def __init__(self, ds_name: str, data_dir, skip_generation: bool, interval: int, batch_size: int,
+                 generation_protocol: str = "published", seed: int = 0):
+        from dsets import ConsistencyResources
+        from experiments.eval_counterfact import GenerationProtocol
+
         self.ds_name, self.skip_generation, self.interval, self.batch_size = ds_name, skip_generation, interval, batch_size
-        self.snips = self.vec = self.missing_reason = None
+        self.generation = GenerationProtocol(generation_protocol, seed=seed)
+        self.consistency = ConsistencyResources(None, None, None)
         if ds_name in ("mcf", "cf") and not skip_generation:
-            from dsets import consistency_unavailable_reason, load_consistency_resources
+            from dsets import consistency_resources
 
-            self.snips, self.vec = load_consistency_resources(data_dir)
-            self.missing_reason = consistency_unavailable_reason(data_dir)
+            self.consistency = consistency_resources(data_dir)
 
     def __call__(self, model, tok, record) -> dict:
         if self.ds_name == "zsre":
@@ -123,9 +132,11 @@ class Evaluator:
         from experiments.eval_counterfact import compute_rewrite_quality_counterfact
 
         skip = self.skip_generation or (record["case_id"] % self.interval != 0)
-        return compute_rewrite_quality_counterfact(model, tok, record, self.snips, self.vec, skip_generation=skip,
-                                                   consistency_unavailable=self.missing_reason,
-                                                   batch_size=self.batch_size)
+        return compute_rewrite_quality_counterfact(
+            model, tok, record, self.consistency.snippets, self.consistency.vectors, skip_generation=skip,
+            generation_protocol=self.generation, consistency_source=self.consistency.source,
+            consistency_unavailable=self.consistency.unavailable_reason, batch_size=self.batch_size,
+        )
 
 
 def parse_args(argv=None):
@@ -139,6 +150,9 @@ def parse_args(argv=None):
     parser.add_argument("--continue_from_run", default=None, help="resume results/<ALG>/run_NNN")
     parser.add_argument("--skip_generation_tests", action="store_true", help="no fluency/consistency")
     parser.add_argument("--generation_test_interval", type=int, default=1, help="generation tests every N-th case id")
+    parser.add_argument("--generation_protocol", choices=["published", "greedy"], default="published",
+                        help="fluency/consistency texts: published = MEMIT's top-k 5 sampling, 100 tokens with the "
+                             "prompt, seeded by --seed and the case id; greedy = argmax, 50 new tokens")
     parser.add_argument("--downstream_eval_steps", type=int, default=0,
                         help="downstream check before round 1 and after every N rounds (0 = off)")
     parser.add_argument("--downstream_examples", type=int, default=100, help="examples per downstream task")
@@ -205,7 +219,8 @@ def main(argv=None) -> Path:
     run_params = {
         "alg_name": algorithm.name, "model_name": args.model_name, "hparams_fname": str(hparams_path),
         "ds_name": args.ds_name, "dataset_size_limit": args.dataset_size_limit, "num_edits": args.num_edits,
-        "sequential": sequential, "seed": args.seed, "device": args.device, "dtype": args.dtype,
+        "sequential": sequential, "seed": args.seed, "generation_protocol": args.generation_protocol,
+        "device": args.device, "dtype": args.dtype,
         "device_map": args.device_map, "hparams": hparams.to_dict(), "evaluation_stages": STAGE_LABELS,
         "downstream_eval_steps": args.downstream_eval_steps, "argv": sys.argv if argv is None else list(argv),
         "torch_version": torch.__version__,
@@ -217,7 +232,8 @@ def main(argv=None) -> Path:
     edited_modules = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
     original_weights = snapshot_weights(model, edited_modules)
     evaluate_case = Evaluator(args.ds_name, args.data_dir, args.skip_generation_tests,
-                              args.generation_test_interval, batch_size=8 if args.conserve_memory else 32)
+                              args.generation_test_interval, batch_size=8 if args.conserve_memory else 32,
+                              generation_protocol=args.generation_protocol, seed=args.seed)
 
     state_file = run_dir / "sequential_state.pt"
     state: Optional[SequentialState] = None

@@ -1,5 +1,6 @@
-"""CounterFact and zsRE metrics: hand-checked numbers on tiny models, fluency, consistency, and the pre-edit
-behaviour of the embedded model on real CounterFact records."""
+"""CounterFact and zsRE metrics: hand-checked numbers on tiny models, fluency, consistency, the generation
+protocols (MEMIT's published top-k sampling and greedy), the tf-idf substitute, and the pre-edit behaviour of
+the embedded model on real CounterFact records."""
 from __future__ import annotations
 
 import json
@@ -11,18 +12,32 @@ import torch
 
 import experiments.eval_counterfact as eval_cf
 import experiments.eval_zsre as eval_zsre
+import dsets.tfidf_stats as tfidf_stats
 from dsets import (
+    PUBLISHED_SOURCE,
+    SUBSTITUTE_SOURCE,
     AttributeSnippets,
     CounterFactDataset,
     TfidfVectors,
+    consistency_resources,
     consistency_unavailable_reason,
+    counterfact_reference_entries,
+    fit_tfidf_vectors,
     load_attribute_snippets,
     load_consistency_resources,
     load_tfidf_vectors,
     tfidf_similarity,
 )
-from experiments.eval_counterfact import compute_n_gram_entropy, compute_rewrite_quality_counterfact, n_gram_entropy
+from experiments.eval_counterfact import (
+    GREEDY,
+    PUBLISHED,
+    GenerationProtocol,
+    compute_n_gram_entropy,
+    compute_rewrite_quality_counterfact,
+    n_gram_entropy,
+)
 from experiments.eval_zsre import compute_rewrite_quality_zsre
+from util.generate import generation_seed, sample_top_k_ids, sample_top_k_texts
 
 RECORD = {
     "case_id": 0,
@@ -33,6 +48,8 @@ RECORD = {
     "attribute_prompts": [],
     "generation_prompts": ["Paris is known for", "Paris is known for", "The people of Paris"],
 }
+GREEDY_4 = GenerationProtocol(GREEDY, max_new_tokens=4)
+SHORT_PUBLISHED = GenerationProtocol(PUBLISHED, max_out_len=12)
 
 
 @pytest.fixture(autouse=True)
@@ -141,12 +158,14 @@ def test_generation_metrics_without_consistency_files(tiny_gpt2, tiny_tok, tmp_p
     reason = consistency_unavailable_reason(tmp_path)
     assert "attribute_snippets.json" in reason and "idf.npy" in reason and str(tmp_path) in reason
 
-    out = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, max_new_tokens=4, consistency_unavailable=reason)
+    out = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, generation_protocol=GREEDY_4,
+                                              consistency_unavailable=reason)
     assert out["reference_score"] is None and out["consistency_unavailable"] == reason
+    assert "consistency_source" not in out
     assert len(out["text"]) == 3 and all(t.startswith(p) for t, p in zip(out["text"], RECORD["generation_prompts"]))
     assert out["text"][0] == out["text"][1]  # greedy: the same prompt gives the same text
     assert out["ngram_entropy"] == pytest.approx(n_gram_entropy(out["text"]))
-    plain = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, max_new_tokens=4)
+    plain = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, generation_protocol=SHORT_PUBLISHED)
     assert plain["reference_score"] is None and "not provided" in plain["consistency_unavailable"]
     assert "text" not in compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, skip_generation=True)
 
@@ -178,14 +197,232 @@ def test_reference_score_with_snippet_files(tiny_gpt2, tiny_tok, tmp_path):
     assert consistency_unavailable_reason(tmp_path) is None
     assert snips.texts("P17", "Q142") == ["Lyon is a city in France.", "Nice is on the French Riviera in France."]
 
-    out = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, snips=snips, vec=vec, max_new_tokens=4)
+    out = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD, snips=snips, vec=vec,
+                                              generation_protocol=GREEDY_4, consistency_source=PUBLISHED_SOURCE)
     expected = tfidf_similarity(" ".join(out["text"]), " ".join(snips.texts("P17", "Q142")), vec)
-    assert "consistency_unavailable" not in out
+    assert "consistency_unavailable" not in out and out["consistency_source"] == PUBLISHED_SOURCE
+    assert consistency_resources(tmp_path).source == PUBLISHED_SOURCE  # the published files win
     assert out["reference_score"] == pytest.approx(expected)
     assert 0 < out["reference_score"] < 1  # the prompts share "is" with the snippets
     other = dict(RECORD, requested_rewrite=dict(RECORD["requested_rewrite"], target_new={"str": "Spain", "id": "Q29"}))
-    missing = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, other, snips=snips, vec=vec, max_new_tokens=2)
+    missing = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, other, snips=snips, vec=vec,
+                                                  generation_protocol=GREEDY_4)
     assert missing["reference_score"] is None and "Q29" in missing["consistency_unavailable"]
+
+
+# ---------------------------------------------------------------- generation protocols
+
+
+def _full_logits(model, ids):
+    """Logits of one unpadded sequence, recomputed without a key/value cache."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+@pytest.mark.parametrize("model_fixture, tok_fixture", [("tiny_gpt2", "tiny_tok"), ("tiny_llama", "tiny_tok_bos")])
+def test_published_sampling_stays_in_each_steps_top_5_and_fills_100_tokens(request, model_fixture, tok_fixture):
+    """MEMIT generate_fast (kmeng01/memit util/generate.py lines 105-119): top-k 5 of every step, sequences of
+    max_out_len=100 tokens counting the prompt (and the BOS token the Llama tokenizer adds)."""
+    model, tok = request.getfixturevalue(model_fixture), request.getfixturevalue(tok_fixture)
+    prompts = ["Paris is known for", "The people of Paris are famous for their", "Hi"]
+    sequences = sample_top_k_ids(model, tok, prompts, seeds=[1, 2, 3], max_out_len=100, top_k=5)
+    not_argmax = 0
+    for prompt, ids in zip(prompts, sequences):
+        prompt_len = len(tok(prompt)["input_ids"])
+        assert len(ids) == 100 and ids[:prompt_len] == tok(prompt)["input_ids"]
+        logits = _full_logits(model, ids)
+        for position in range(prompt_len, 100):
+            step = logits[position - 1]
+            fifth = torch.topk(step, 5).values[-1]
+            assert step[ids[position]] >= fifth - 1e-4, f"token {position} of {prompt!r} is outside the top 5"
+            not_argmax += ids[position] != int(step.argmax())
+    assert not_argmax > 50  # it samples: a random model's top 5 are near-uniform, so most draws are not the argmax
+    assert sample_top_k_ids(model, tok, ["Hi"], seeds=[0], max_out_len=1)[0] == tok("Hi")["input_ids"]
+
+
+def test_published_sampling_is_seeded_per_prompt(tiny_gpt2, tiny_tok):
+    prompts = ["Paris is known for", "The people of Paris", "Paris is known for"]
+    rng_before = torch.get_rng_state()
+    first = sample_top_k_texts(tiny_gpt2, tiny_tok, prompts, seeds=[5, 6, 7], max_out_len=30)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global random state is left alone
+    torch.manual_seed(123)
+    again = sample_top_k_texts(tiny_gpt2, tiny_tok, prompts, seeds=[5, 6, 7], max_out_len=30, batch_size=1)
+    assert again == first  # same seeds -> same texts, whatever the batch and the global seed
+    assert sample_top_k_texts(tiny_gpt2, tiny_tok, prompts[1:2], seeds=[6], max_out_len=30) == first[1:2]
+    other = sample_top_k_texts(tiny_gpt2, tiny_tok, prompts, seeds=[8, 9, 10], max_out_len=30)
+    assert all(a != b for a, b in zip(first, other))
+    assert first[0] != first[2]  # the same prompt with another seed is another draw (n_gen_per_prompt=1 each)
+    assert all(text.startswith(prompt) for text, prompt in zip(first, prompts))
+    assert generation_seed(0, 7, 1) == generation_seed(0, 7, 1) != generation_seed(1, 7, 1)
+    assert len({generation_seed(0, case, i) for case in range(20) for i in range(10)}) == 200
+
+
+def test_published_protocol_is_the_default_and_recorded(tiny_gpt2, tiny_tok):
+    out = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD)
+    protocol = out["generation_protocol"]
+    assert protocol["name"] == PUBLISHED and protocol["decoding"] == "top-k sampling"
+    assert (protocol["top_k"], protocol["max_out_len"], protocol["seed"]) == (5, 100, 0)
+    assert protocol["length_includes_prompt"] is True and protocol["stops_at_eos"] is False
+    assert out["text"][0] != out["text"][1]  # the duplicated prompt is sampled twice
+    assert out["ngram_entropy"] == pytest.approx(n_gram_entropy(out["text"]))
+    seeds = [generation_seed(0, RECORD["case_id"], i) for i in range(3)]
+    assert out["text"] == sample_top_k_texts(tiny_gpt2, tiny_tok, RECORD["generation_prompts"], seeds)
+    assert compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD)["text"] == out["text"]  # a rerun
+    reseeded = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, RECORD,
+                                                   generation_protocol=GenerationProtocol(PUBLISHED, seed=1))
+    assert reseeded["text"] != out["text"] and reseeded["generation_protocol"]["seed"] == 1
+    other_case = compute_rewrite_quality_counterfact(tiny_gpt2, tiny_tok, dict(RECORD, case_id=1))
+    assert other_case["text"] != out["text"]
+    with pytest.raises(ValueError, match="unknown generation protocol"):
+        GenerationProtocol("nucleus")
+
+
+def _argmax_continuation(model, tok, prompt: str, n_new: int) -> str:
+    ids = tok(prompt)["input_ids"]
+    new = []
+    for _ in range(n_new):
+        token = int(_full_logits(model, ids + new)[-1].argmax())
+        if token == tok.eos_token_id:
+            break
+        new.append(token)
+    return prompt + tok.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gpt2", "tiny_llama"])
+def test_greedy_option_equals_argmax_decoding(request, tiny_tok, model_fixture):
+    model = request.getfixturevalue(model_fixture)
+    protocol = GenerationProtocol(GREEDY, max_new_tokens=8)
+    out = compute_rewrite_quality_counterfact(model, tiny_tok, RECORD, generation_protocol=protocol)
+    assert out["text"] == [_argmax_continuation(model, tiny_tok, p, 8) for p in RECORD["generation_prompts"]]
+    assert out["generation_protocol"] == {"name": GREEDY, "decoding": "greedy (argmax)", "max_new_tokens": 8,
+                                          "length_includes_prompt": False, "stops_at_eos": True}
+    assert GenerationProtocol(GREEDY).to_dict()["max_new_tokens"] == 50
+
+
+# ---------------------------------------------------------------- tf-idf substitute
+
+SUBSTITUTE_RECORDS = [
+    {"case_id": 1, "requested_rewrite": {"prompt": "{} is located in", "relation_id": "P17", "subject": "Lyon",
+                                         "target_new": {"str": "Italy", "id": "Q38"},
+                                         "target_true": {"str": "France", "id": "Q142"}},
+     "paraphrase_prompts": ["Lyon lies in"], "neighborhood_prompts": ["Nice is located in"],
+     "attribute_prompts": ["Rome is located in"], "generation_prompts": ["Lyon is known for"]},
+    {"case_id": 2, "requested_rewrite": {"prompt": "{} is located in", "relation_id": "P17", "subject": "Milan",
+                                         "target_new": {"str": "France", "id": "Q142"},
+                                         "target_true": {"str": "Italy", "id": "Q38"}},
+     "paraphrase_prompts": [], "neighborhood_prompts": ["Turin is located in"],
+     "attribute_prompts": ["Paris is located in", "Nice is located in"],
+     "generation_prompts": ["Milan is known for", "Milan is known for"]},
+]
+
+
+def _substitute_data(folder, monkeypatch):
+    """A data folder with CounterFact records and WikiText files but none of ROME's consistency files."""
+    monkeypatch.delenv("ECE_DATA_DIR", raising=False)
+    monkeypatch.setattr("dsets.data_files._globals_data_dir", lambda: folder / "none")
+    (folder / "wikitext").mkdir(parents=True)
+    (folder / "counterfact.json").write_text(json.dumps(SUBSTITUTE_RECORDS))
+    (folder / "wikitext" / "wiki.valid.raw").write_text(
+        " \n = Lyon = \n \n Lyon is a city in France . \n The Rhone flows through Lyon . \n")
+    (folder / "wikitext" / "wiki.test.raw").write_text(" = Rome = \n Rome is the capital of Italy . \n")
+    return folder
+
+
+def test_counterfact_reference_entries_hand_checked():
+    snips = AttributeSnippets.from_entries(counterfact_reference_entries(SUBSTITUTE_RECORDS))
+    assert snips.texts("P17", "Q142") == ["Lyon is located in France", "Nice is located in France",
+                                          "Paris is located in France"]  # the second "Nice ..." is dropped
+    assert snips.texts("P17", "Q38") == ["Rome is located in Italy", "Milan is located in Italy",
+                                         "Turin is located in Italy"]
+    assert snips["P17"]["Q142"][0]["name"] == "Lyon" and snips.texts("P19", "Q142") == []
+
+
+def test_fit_tfidf_vectors_matches_sklearn():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    docs = ["Paris is in France", "Rome is the capital of Italy", "The Louvre is in Paris, France.", "a b"]
+    sk = TfidfVectorizer().fit(docs)
+    ours = fit_tfidf_vectors(docs)
+    assert ours.vocab == {k: int(v) for k, v in sk.vocabulary_.items()}
+    np.testing.assert_allclose(ours.idf, sk.idf_, rtol=1e-12)
+    with pytest.raises(ValueError, match="no words"):
+        fit_tfidf_vectors(["a", "!"])
+
+
+def test_tfidf_substitute_fitted_cached_and_reloaded(tmp_path, monkeypatch):
+    data = _substitute_data(tmp_path / "data", monkeypatch)
+    stats = tmp_path / "stats"
+    monkeypatch.setenv("ECE_STATS_DIR", str(stats))
+    resources = consistency_resources(data)
+    assert resources.source == SUBSTITUTE_SOURCE == "tf-idf substitute: WikiText+CounterFact"
+    assert resources.unavailable_reason is None
+    cache = stats / "tfidf_substitute"
+    assert sorted(p.name for p in cache.iterdir()) == ["fingerprint.json", "idf.npy", "tfidf_vocab.json"]
+    # 3 WikiText paragraphs + 9 distinct CounterFact sentences; "located" is in the 6 reference sentences
+    vec = resources.vectors
+    assert vec.idf[vec.vocab["located"]] == pytest.approx(math.log(13 / 7) + 1)
+    assert vec.idf[vec.vocab["rhone"]] == pytest.approx(math.log(13 / 2) + 1)
+    assert resources.snippets.texts("P17", "Q142")[-1] == "Paris is located in France"
+
+    def no_fit(documents):
+        raise AssertionError("the cached statistics should have been reused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tfidf_stats, "fit_tfidf_vectors", no_fit)
+        again = consistency_resources(data)
+    np.testing.assert_array_equal(again.vectors.idf, vec.idf)
+    assert again.vectors.vocab == vec.vocab
+    with open(data / "wikitext" / "wiki.test.raw", "a") as f:
+        f.write(" Turin is located in Italy . \n")
+    refitted = consistency_resources(data).vectors  # an input changed: fitted again
+    assert refitted.idf[refitted.vocab["located"]] == pytest.approx(math.log(14 / 8) + 1)
+    assert json.loads((cache / "fingerprint.json").read_text())["n_terms"] == len(refitted.vocab)
+
+
+def test_substitute_consistency_scored_labelled_and_summarised(tiny_gpt2, tiny_tok, tmp_path, monkeypatch):
+    """The substitute's reference score, its label in the case metrics, and the label in summarize.py's table."""
+    import summarize
+
+    data = _substitute_data(tmp_path / "data", monkeypatch)
+    monkeypatch.setenv("ECE_STATS_DIR", str(tmp_path / "stats"))
+    from experiments.evaluate import Evaluator, parse_args
+
+    evaluator = Evaluator("mcf", data, skip_generation=False, interval=1, batch_size=32, seed=3)
+    record = SUBSTITUTE_RECORDS[1]
+    out = evaluator(tiny_gpt2, tiny_tok, record)
+    assert out["consistency_source"] == SUBSTITUTE_SOURCE and out["generation_protocol"]["seed"] == 3
+    references = " ".join(["Lyon is located in France", "Nice is located in France", "Paris is located in France"])
+    expected = tfidf_similarity(" ".join(out["text"]), references, evaluator.consistency.vectors)
+    assert out["reference_score"] == pytest.approx(expected) and 0 < expected < 1  # "is" is shared
+    assert evaluator(tiny_gpt2, tiny_tok, record)["text"] == out["text"]  # a resumed run generates the same
+    greedy = Evaluator("mcf", data, False, 1, 32, generation_protocol="greedy")(tiny_gpt2, tiny_tok, record)
+    assert greedy["generation_protocol"]["name"] == GREEDY and greedy["text"][0] == greedy["text"][1]
+    required = ["--alg_name", "MEMIT", "--model_name", "m", "--hparams_fname", "h"]
+    assert parse_args(required).generation_protocol == PUBLISHED
+    assert parse_args(required + ["--generation_protocol", "greedy"]).generation_protocol == GREEDY
+
+    run = tmp_path / "results" / "MEMIT" / "run_000"
+    run.mkdir(parents=True)
+    (run / "params.json").write_text(json.dumps({"alg_name": "MEMIT", "generation_protocol": "published"}))
+    (run / "1_edits-case_2.json").write_text(json.dumps({"case_id": 2, "grouped_case_ids": [2], "time": 1.0,
+                                                          "pre": out}))
+    (summary,) = summarize.summarize("MEMIT", results_dir=tmp_path / "results")
+    pre = summary["stages"]["pre"]
+    assert pre["consistency_source"] == SUBSTITUTE_SOURCE and pre["generation_protocol"]["name"] == PUBLISHED
+    assert pre["consistency"]["mean"] == pytest.approx(100 * expected)
+    text = summarize.render_text([summary])
+    assert "Consistency (tf-idf substitute: WikiText+CounterFact)" in text.splitlines()[0]
+    assert "published: top-k 5 sampling, 100 tokens including the prompt, seed 3" in text
+
+
+def test_no_substitute_without_its_inputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("ECE_DATA_DIR", raising=False)
+    monkeypatch.setattr("dsets.data_files._globals_data_dir", lambda: tmp_path / "none")
+    (tmp_path / "counterfact.json").write_text(json.dumps(SUBSTITUTE_RECORDS))
+    resources = consistency_resources(tmp_path, stats_dir=tmp_path / "stats")
+    assert resources.snippets is None and resources.vectors is None and resources.source is None
+    assert "wikitext/wiki.valid.raw" in resources.unavailable_reason and "idf.npy" in resources.unavailable_reason
+    assert not (tmp_path / "stats").exists()
 
 
 # ---------------------------------------------------------------- embedded model, real records

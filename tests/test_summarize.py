@@ -404,3 +404,101 @@ def test_corrupt_downstream_file_named(cf_results: Path):
     with pytest.raises(sm.SummarizeError) as info:
         sm.summarize("MEMIT", results_dir=cf_results)
     assert str(bad) in str(info.value) and "edit_count" in str(info.value)
+
+
+# ------------------------------------------------------------------ generation protocol and consistency source
+
+SUBSTITUTE = "tf-idf substitute: WikiText+CounterFact"
+PUBLISHED_PROTOCOL = {"name": "published", "decoding": "top-k sampling", "top_k": 5, "max_out_len": 100,
+                      "length_includes_prompt": True, "seed": 0}
+GREEDY_PROTOCOL = {"name": "greedy", "decoding": "greedy (argmax)", "max_new_tokens": 50}
+
+
+def gen_stage(protocol: dict, fluency: float, consistency: float | None, source: str | None = SUBSTITUTE) -> dict:
+    extra = {"consistency_source": source} if source else {}
+    return cf_stage([(0.1, 2.0)], [(0.1, 2.0)], [(2.0, 0.1)], ngram_entropy=fluency, reference_score=consistency,
+                    generation_protocol=protocol, text=["t"], **extra)
+
+
+def _consistency_header(table: str) -> str:
+    header = next(line for line in table.splitlines() if line.startswith("Run "))
+    assert "Consistency" in header
+    return header[header.index("Consistency"):]
+
+
+def test_protocol_and_consistency_source_are_named(tmp_path: Path, capsys):
+    run = tmp_path / "MEMIT" / "run_000"
+    write_params(run)
+    params = json.loads((run / "params.json").read_text())
+    (run / "params.json").write_text(json.dumps({**params, "generation_protocol": "greedy"}))
+    write_case(run, 0, [0], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 6.0, 0.2))
+    write_case(run, 1, [1], 1.0, post=gen_stage({**PUBLISHED_PROTOCOL, "seed": 1}, 5.0, 0.4))
+    (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    post = res["stages"]["post"]
+    assert post["fluency"]["mean"] == pytest.approx(550.0)  # another seed is the same protocol
+    assert post["consistency"]["mean"] == pytest.approx(30.0)
+    assert post["generation_protocol"]["name"] == "published" and post["generation_protocol"]["seed"] == [0, 1]
+    assert post["consistency_source"] == SUBSTITUTE and res["generation_protocol"] == "greedy"
+    assert any("asks for the greedy generation protocol" in note for note in post["notes"])
+
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert _consistency_header(out).startswith(f"Consistency ({SUBSTITUTE})")
+    post_row = next(line for line in out.splitlines() if line.startswith("run_000  post"))
+    assert " published " in post_row and "550.0 ± 98.0" in post_row and "30.0 ± 19.6" in post_row
+    assert "published: top-k 5 sampling, 100 tokens including the prompt, seed 0, 1" in out
+    assert f"consistency source: {SUBSTITUTE}" in out and "WARNING" not in out
+
+
+def test_mixed_protocols_in_one_run_are_not_averaged(tmp_path: Path, caplog):
+    run = tmp_path / "MEMIT" / "run_000"
+    write_params(run)
+    write_case(run, 0, [0], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 6.0, 0.2))
+    write_case(run, 1, [1], 1.0, post=gen_stage(GREEDY_PROTOCOL, 2.0, 0.4))
+    write_case(run, 2, [2], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 5.0, 0.1))
+    with caplog.at_level("WARNING", logger="summarize"):
+        (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    post = res["stages"]["post"]
+    assert post["fluency"] is None and post["consistency"] is None
+    assert post["fluency_status"] == post["consistency_status"] == "mixed"
+    assert post["efficacy"]["mean"] == 100.0  # the other metrics are still aggregated
+    assert post["generation_protocol"]["name"] == "mixed"
+    assert any("2 cases published" in note and "1 cases greedy" in note for note in post["notes"])
+    assert "mix generation protocols" in caplog.text
+    post_row = next(line for line in sm.render_text([res]).splitlines() if line.startswith("run_000  post"))
+    assert post_row.count("mixed") == 3  # the Generation, Fluency and Consistency cells
+
+
+def test_runs_with_different_protocols_are_flagged(tmp_path: Path, caplog):
+    for name, protocol in (("run_000", PUBLISHED_PROTOCOL), ("run_001", GREEDY_PROTOCOL)):
+        write_params(tmp_path / "MEMIT" / name)
+        write_case(tmp_path / "MEMIT" / name, 0, [0], 1.0, post=gen_stage(protocol, 6.0, 0.2))
+    runs = sm.summarize("MEMIT", results_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="summarize"):
+        text = sm.render_text(runs)
+    assert "WARNING: these rows were generated with different protocols (published, greedy)" in text
+    assert "different protocols" in caplog.text
+    assert "greedy: argmax decoding, 50 new tokens" in text
+    assert [runs[0]["stages"]["post"]["fluency"]["mean"], runs[1]["stages"]["post"]["fluency"]["mean"]] == [600, 600]
+
+
+def test_mixed_consistency_sources_are_not_averaged(tmp_path: Path):
+    run = tmp_path / "MEMIT" / "run_000"
+    write_params(run)
+    write_case(run, 0, [0], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 6.0, 0.2))
+    write_case(run, 1, [1], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 5.0, 0.4, source="published: ROME"))
+    write_case(run, 2, [2], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 4.0, None, source=None))
+    (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    post = res["stages"]["post"]
+    assert post["consistency"] is None and post["consistency_status"] == "mixed"
+    assert post["consistency_source"] == "mixed"
+    assert post["fluency"]["mean"] == pytest.approx(500.0)
+    assert _consistency_header(sm.render_text([res])).startswith("Consistency (sources differ")
+
+
+def test_consistency_header_is_never_bare(cf_results: Path):
+    (res,) = sm.summarize("MEMIT", results_dir=cf_results)
+    text = sm.render_text([res])
+    assert _consistency_header(text).startswith("Consistency (unavailable)")
+    assert res["stages"]["post"]["generation_protocol"] == {"name": "not recorded"}  # files written before
+    assert "not recorded: the case files do not say how their texts were generated" in text
