@@ -44,7 +44,10 @@ STAGE_LABELS = {
     "post": "model right after the round that edited the case",
     "final": "model after the last round (sequential runs only)",
 }
-RUN_KEYS = ("alg_name", "model_name", "ds_name", "dataset_size_limit", "num_edits", "sequential", "hparams")
+RUN_KEYS = ("alg_name", "model_name", "ds_name", "dataset_size_limit", "num_edits", "sequential", "hparams",
+            "generation_protocol")
+# What a run folder written before a setting existed ran with.
+RUN_KEY_DEFAULTS = {"generation_protocol": "greedy"}
 
 
 class RunError(RuntimeError):
@@ -186,9 +189,10 @@ def prepare_run_dir(args, algorithm: Algorithm, run_params: dict, hparams_path: 
             existing = sorted(p.name for p in alg_dir.glob("run_*")) if alg_dir.exists() else []
             raise RunError(f"cannot continue: {params_file} does not exist. Runs of {algorithm.name}: {existing or 'none'}")
         saved = json.loads(params_file.read_text())
-        differences = [k for k in RUN_KEYS if saved.get(k) != run_params.get(k)]
+        saved_value = lambda k: saved.get(k, RUN_KEY_DEFAULTS.get(k))
+        differences = [k for k in RUN_KEYS if saved_value(k) != run_params.get(k)]
         if differences:
-            detail = "; ".join(f"{k}: run has {saved.get(k)!r}, now {run_params.get(k)!r}" for k in differences)
+            detail = "; ".join(f"{k}: run has {saved_value(k)!r}, now {run_params.get(k)!r}" for k in differences)
             raise RunError(f"cannot continue {run_dir}: settings differ ({detail}). Start a new run instead.")
         LOG.info("continuing %s", run_dir)
         return run_dir

@@ -53,6 +53,10 @@ def test_continue_requires_an_existing_run_with_the_same_settings(folders):
     with pytest.raises(evaluate.RunError, match="settings differ.*num_edits: run has 5, now 1"):
         main("--alg_name", "MEMIT", "--hparams_fname", "smollm2-135m.json", "--continue_from_run", "run_000",
              "--dataset_size_limit", "2")
+    # A run written before the generation protocol was recorded generated greedily.
+    with pytest.raises(evaluate.RunError, match="generation_protocol: run has 'greedy', now 'published'"):
+        main("--alg_name", "MEMIT", "--hparams_fname", "smollm2-135m.json", "--continue_from_run", "run_000",
+             "--dataset_size_limit", "2")
 
 
 def test_downstream_checks_need_a_sequential_run(folders):
