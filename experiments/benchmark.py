@@ -140,7 +140,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
     values.update(overrides)
     hparams = algorithm.hparams_class.from_dict(values, source=f"{hparams_path} with {overrides}")
     model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
-    state = SequentialState() if algorithm.uses_sequential_state else None
+    state = SequentialState(track_prev_moments=algorithm.keeps_prev_moments) if algorithm.uses_sequential_state else None
     seconds: Dict[str, float] = {}
     round_seconds, loops, tokens, clusters = [], 0, 0, []
     requests = [record_to_request(r) for r in records]
@@ -159,6 +159,10 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
             tokens += report.target_forward_tokens
             if "n_clusters" in report.extra:
                 clusters.append(report.extra["n_clusters"])
+        if algorithm.finish is not None and state is not None:
+            start = time.perf_counter()
+            algorithm.finish(model, hparams, state)
+            round_seconds[-1] += time.perf_counter() - start  # the last round's work
     start = time.perf_counter()
     case_metrics = [counterfact_case_metrics(evaluate_case(model, tok, r)) for r in records]
     evaluation_seconds = time.perf_counter() - start

@@ -49,10 +49,13 @@ class PRUNEHyperParams(MEMITHyperParams):
 
 def restrain(edit: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """``F(E)`` (float64, on ``edit``'s device): singular values above ``s_max = ||W_orig||_2`` become
-    ``s_max + log(s / s_max)``. Singular values do not depend on the storage orientation."""
+    ``s_max + log(s / s_max)``; ``E`` itself when none is above. Singular values do not depend on the
+    storage orientation."""
     edit = edit.to(torch.float64)
     s_max = torch.linalg.matrix_norm(original.to(edit.device, torch.float64), ord=2)
     u, s, vh = torch.linalg.svd(edit, full_matrices=False)
+    if not bool((s > s_max).any()):
+        return edit
     bounded = torch.where(s > s_max, s_max + torch.log(s / s_max), s)
     return (u * bounded) @ vh
 
@@ -61,9 +64,9 @@ def set_restrained_weights(model, state: SequentialState) -> List[str]:
     """``W = W_orig + F(E_raw)`` for every module of the state; returns the modules where ``F`` changed ``E_raw``."""
     restrained = []
     for name, original in state.originals.items():
-        raw = state.raw_edits[name]
+        raw = state.raw_edits[name].to(torch.float64)
         bounded = restrain(raw, original)
-        if not torch.equal(bounded, raw.to(bounded.device, torch.float64)):
+        if bounded is not raw:
             restrained.append(name)
         load_weights(model, {name: original.to(bounded.device, torch.float64) + bounded})
     LOG.info("PRUNE: restrained the accumulated edit of %s", restrained or "no module")
