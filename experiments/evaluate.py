@@ -44,8 +44,10 @@ STAGE_LABELS = {
     "post": "model right after the round that edited the case",
     "final": "model after the last round (sequential runs only)",
 }
+# Settings a resumed run must share with the run it continues: a different seed changes the context
+# templates half-way, newly enabled downstream checks would measure an "unedited" baseline on edited weights.
 RUN_KEYS = ("alg_name", "model_name", "ds_name", "dataset_size_limit", "num_edits", "sequential", "hparams",
-            "generation_protocol")
+            "generation_protocol", "seed", "downstream_eval_steps")
 # What a run folder written before a setting existed ran with.
 RUN_KEY_DEFAULTS = {"generation_protocol": "greedy"}
 

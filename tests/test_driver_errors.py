@@ -59,6 +59,24 @@ def test_continue_requires_an_existing_run_with_the_same_settings(folders):
              "--dataset_size_limit", "2")
 
 
+def test_continue_refuses_another_seed_or_downstream_schedule(folders, monkeypatch):
+    """A different seed would change the context templates half-way through the run; newly enabled
+    downstream checks would record an "unedited" baseline measured on edited weights."""
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # after params.json is written, before any model is loaded
+
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", stop)
+    args = ("--alg_name", "MEMIT", "--sequential", "--hparams_fname", "smollm2-135m.json", "--dataset_size_limit", "2")
+    with pytest.raises(KeyboardInterrupt):
+        main(*args)
+    with pytest.raises(KeyboardInterrupt):  # the same settings resume
+        main(*args, "--continue_from_run", "run_000")
+    with pytest.raises(evaluate.RunError, match=r"settings differ \(seed: run has 0, now 1\)"):
+        main(*args, "--continue_from_run", "run_000", "--seed", "1")
+    with pytest.raises(evaluate.RunError, match=r"settings differ \(downstream_eval_steps: run has 0, now 5\)"):
+        main(*args, "--continue_from_run", "run_000", "--downstream_eval_steps", "5")
+
+
 def test_downstream_checks_need_a_sequential_run(folders):
     with pytest.raises(evaluate.RunError, match="needs a sequential run"):
         main("--alg_name", "MEMIT", "--hparams_fname", "smollm2-135m.json", "--downstream_eval_steps", "1",
