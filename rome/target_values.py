@@ -1,6 +1,7 @@
 """Target values ``z_j = h_j + delta_j`` at the last edited layer, many requests in one loop.
 
-For each request, ``delta_j`` is added to the residual stream (output of decoder layer ``z_layer``) at
+For each request, ``delta_j`` is added to the residual stream (output of decoder layer ``z_layer``;
+for ROME, to the output of that layer's MLP, ``edit_module``) at
 the fact token of every prompt of that request, and optimised with Adam to minimise
 
     NLL(target_new | template + prompt), averaged over the context templates
