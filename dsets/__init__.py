@@ -8,7 +8,6 @@ from dsets.attr_snippets import (
     consistency_unavailable_reason,
     counterfact_reference_entries,
     load_attribute_snippets,
-    load_consistency_resources,
     substitute_consistency_resources,
 )
 from dsets.counterfact import CounterFactDataset, MultiCounterFactDataset
@@ -50,7 +49,6 @@ __all__ = [
     "find_data_file",
     "fit_tfidf_vectors",
     "load_attribute_snippets",
-    "load_consistency_resources",
     "load_tfidf_vectors",
     "locate_data_file",
     "substitute_consistency_resources",

@@ -89,17 +89,6 @@ def consistency_unavailable_reason(data_dir: Optional[Union[str, os.PathLike]] =
     )
 
 
-def load_consistency_resources(
-    data_dir: Optional[Union[str, os.PathLike]] = None,
-) -> Tuple[Optional[AttributeSnippets], Optional[TfidfVectors]]:
-    """``(snippets, tf-idf vectors)`` for the consistency metric, or ``(None, None)`` if any file is missing."""
-    reason = consistency_unavailable_reason(data_dir)
-    if reason is not None:
-        LOG.warning("consistency (reference score) unavailable: %s", reason)
-        return None, None
-    return load_attribute_snippets(data_dir), load_tfidf_vectors(data_dir)
-
-
 def counterfact_reference_entries(records: Sequence[dict]) -> List[dict]:
     """Snippet entries (``{"relation_id", "target_id", "samples"}``) made of CounterFact sentences that state
     a true ``(subject, relation, object)``: the rewrite prompt and the neighbourhood prompts completed with

@@ -24,7 +24,6 @@ from dsets import (
     counterfact_reference_entries,
     fit_tfidf_vectors,
     load_attribute_snippets,
-    load_consistency_resources,
     load_tfidf_vectors,
     tfidf_similarity,
 )
@@ -154,7 +153,8 @@ def test_generation_metrics_without_consistency_files(tiny_gpt2, tiny_tok, tmp_p
     monkeypatch.delenv("ECE_DATA_DIR", raising=False)
     monkeypatch.setattr("dsets.data_files._globals_data_dir", lambda: tmp_path / "none")
     assert load_attribute_snippets(tmp_path) is None and load_tfidf_vectors(tmp_path) is None
-    assert load_consistency_resources(tmp_path) == (None, None)
+    nothing = consistency_resources(tmp_path)  # neither the published files nor the substitute's inputs
+    assert (nothing.snippets, nothing.vectors, nothing.source) == (None, None, None)
     reason = consistency_unavailable_reason(tmp_path)
     assert "attribute_snippets.json" in reason and "idf.npy" in reason and str(tmp_path) in reason
 
@@ -192,7 +192,8 @@ def test_reference_score_with_snippet_files(tiny_gpt2, tiny_tok, tmp_path):
     sk = TfidfVectorizer().fit(["Lyon is a city in France.", "Paris is known for art", "Rome is in Italy"])
     np.save(tmp_path / "idf.npy", sk.idf_)
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps({k: int(v) for k, v in sk.vocabulary_.items()}))
-    snips, vec = load_consistency_resources(tmp_path)
+    resources = consistency_resources(tmp_path)
+    snips, vec = resources.snippets, resources.vectors
     assert isinstance(snips, AttributeSnippets) and isinstance(vec, TfidfVectors)
     assert consistency_unavailable_reason(tmp_path) is None
     assert snips.texts("P17", "Q142") == ["Lyon is a city in France.", "Nice is on the French Riviera in France."]
