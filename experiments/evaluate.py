@@ -286,11 +286,7 @@ def main(argv=None) -> Path:
             })
         if sequential:
             downstream.maybe_run(model, tok, rounds_done=round_index + 1, edit_count=state_edits(rounds, round_index))
-            atomic_torch_save(state_file, {
-                "weights": snapshot_weights(model, edited_modules),
-                "state": state.state_dict() if state is not None else None,
-                "rounds_done": round_index + 1,
-            })
+            save_sequential_state(state_file, model, edited_modules, state, rounds_done=round_index + 1)
         else:
             load_weights(model, original_weights)
 
@@ -298,9 +294,7 @@ def main(argv=None) -> Path:
         finished = algorithm.finish(model, hparams, state)
         state.finished = True
         LOG.info("%s after the last round: %s", algorithm.name, finished)
-        atomic_torch_save(state_file, {
-            "weights": snapshot_weights(model, edited_modules), "state": state.state_dict(), "rounds_done": len(rounds),
-        })
+        save_sequential_state(state_file, model, edited_modules, state, rounds_done=len(rounds))
     if sequential and not args.skip_final_eval:
         for record in tqdm(records, desc="final evaluation", unit="case"):
             path = case_path(run_dir, args.num_edits, record["case_id"])
@@ -310,6 +304,16 @@ def main(argv=None) -> Path:
                 atomic_write_json(path, case)
     LOG.info("done: %s", run_dir)
     return run_dir
+
+
+def save_sequential_state(path: Path, model, edited_modules: List[str], state: Optional[SequentialState],
+                          rounds_done: int) -> None:
+    """What a resumed sequential run restores: the edited weights, the method's state, the rounds done."""
+    atomic_torch_save(path, {
+        "weights": snapshot_weights(model, edited_modules),
+        "state": state.state_dict() if state is not None else None,
+        "rounds_done": rounds_done,
+    })
 
 
 def state_edits(rounds: List[List[int]], round_index: int) -> int:
