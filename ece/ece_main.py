@@ -8,10 +8,10 @@
 2. Cluster: requests whose own neuron sets at the first edited layer overlap are grouped
    (``ece.cluster``); those scores are taken before any update, where the first layer's in-loop scores
    would be taken too.
-3. Batch-optimise: one target-value loop per cluster (``rome.target_values``, shared with MEMIT).
-4. Update: MEMIT's layer loop (``rome.update``) with the solve restricted to the columns ``S(l)``:
+3. Batch-optimise: one target-value loop per cluster (``editing.target_values``, shared with MEMIT).
+4. Update: MEMIT's layer loop (``editing.update``) with the solve restricted to the columns ``S(l)``:
    ``Delta[:, S] = R K_S^T (lambda C0[S,S] + C_prev[S,S] + K_S K_S^T)^{-1}``, other columns untouched
-   (AS_main.py:169-184). ``C_prev += K K^T`` over all neurons afterwards (``rome.sequential``).
+   (AS_main.py:169-184). ``C_prev += K K^T`` over all neurons afterwards (``editing.sequential``).
 5. Optional refinement: re-run the layer loop for requests whose remaining error is in (alpha, upper_bound),
    with the sets ``S(l)`` decided in the main pass (upstream has no refinement to follow).
 
@@ -29,12 +29,12 @@ import torch
 from ece.cluster import cluster_requests, jaccard_similarity, optimisation_loops
 from ece.explain import SCORE_METHODS, neuron_scores, scores_from_keys, select_neurons
 from ece.hparams import ECEHyperParams
-from rome.context import EditContext
-from rome.fact_tokens import states_at_fact_tokens
-from rome.locate_edit import EditReport, second_moments_or_identity, timed
-from rome.sequential import SequentialState
-from rome.target_values import compute_target_values, default_requests_per_loop
-from rome.update import Solver, least_squares_delta, spread_update_over_layers
+from editing.context import EditContext
+from editing.keys import states_at_fact_tokens
+from editing.round import EditReport, second_moments_or_identity, timed
+from editing.sequential import SequentialState
+from editing.target_values import compute_target_values, default_requests_per_loop
+from editing.update import Solver, least_squares_delta, spread_update_over_layers
 
 LOG = logging.getLogger(__name__)
 

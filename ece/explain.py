@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from rome.fact_tokens import average_over_templates, compute_keys, fact_token_index, request_templates
+from editing.keys import average_over_templates, compute_keys, fact_token_index, request_templates
 from util.hooks import Trace, TraceDict
 from util.models import model_device
 from util.scoring import left_padded_logits, trailing_target_log_probs

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from rome.hparams import LocateEditHyperParams
+from editing.hparams import LocateEditHyperParams
 from util.hparams import require
 
 Z_MODES = ("per_request", "shared")
@@ -26,7 +26,7 @@ class ECEHyperParams(LocateEditHyperParams):
     max_clusters: int = 10
     # Batch-optimise: one delta per request, or one per cluster (ablation); at most z_batch_size
     # requests per loop. None: a cluster is one loop on a GPU; on a CPU, per_request clusters are split
-    # into loops of rome.target_values.CPU_REQUESTS_PER_LOOP (the fastest size there; same values).
+    # into loops of editing.target_values.CPU_REQUESTS_PER_LOOP (the fastest size there; same values).
     z_mode: str = "per_request"
     z_batch_size: Optional[int] = None
     # Refinement: extra passes of the layer loop for requests whose remaining error ||z - h|| lies

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.evaluate import (Evaluator, RunError, load_records, record_to_request, resolve_hparams_path,  # noqa: E402
                                   run_script, set_seed)
-from rome.context import EditContext  # noqa: E402
-from rome.sequential import SequentialState  # noqa: E402
+from editing.context import EditContext  # noqa: E402
+from editing.sequential import SequentialState  # noqa: E402
 from summarize import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
 from util.hooks import get_module  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.algorithms import Algorithm, algorithm_names, get_algorithm  # noqa: E402
-from rome.context import EditContext  # noqa: E402
-from rome.sequential import SequentialState  # noqa: E402
+from editing.context import EditContext  # noqa: E402
+from editing.sequential import SequentialState  # noqa: E402
 from util.hparams import HParamsError  # noqa: E402
 from util.io import atomic_torch_save, atomic_write_json  # noqa: E402
 from util.models import ModelNotFoundError, load_model_and_tokenizer  # noqa: E402

@@ -34,8 +34,8 @@ from baselines.memit import MEMITHyperParams  # noqa: E402
 from experiments.benchmark import matmul_rate  # noqa: E402
 from experiments.evaluate import RunError, load_records, record_to_request, resolve_hparams_path, run_script  # noqa: E402
 from experiments.algorithms import get_algorithm  # noqa: E402
-from rome.context import EditContext  # noqa: E402
-from rome.target_values import compute_target_values  # noqa: E402
+from editing.context import EditContext  # noqa: E402
+from editing.target_values import compute_target_values  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
 

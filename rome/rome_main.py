@@ -18,11 +18,11 @@ from typing import List
 
 import torch
 
-from rome.context import EditContext
-from rome.fact_tokens import average_over_templates, request_templates, states_at_fact_tokens
-from rome.hparams import LocateEditHyperParams
-from rome.locate_edit import EditReport, second_moments_or_identity, timed
-from rome.target_values import compute_target_values
+from editing.context import EditContext
+from editing.keys import average_over_templates, request_templates, states_at_fact_tokens
+from editing.hparams import LocateEditHyperParams
+from editing.round import EditReport, second_moments_or_identity, timed
+from editing.target_values import compute_target_values
 from util.hparams import require
 from util.weights import add_to_weight
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rome.fact_tokens import fact_token_index, states_at_fact_tokens
+from editing.keys import fact_token_index, states_at_fact_tokens
 from util.hooks import Trace, TraceDict
 from util.hparams import HParamsError
 from util.models import ModelNotFoundError, load_model_and_tokenizer, parse_dtype

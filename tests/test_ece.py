@@ -10,10 +10,10 @@ from baselines.memit import apply_memit_to_model
 from ece import ECEHyperParams, apply_ece_to_model
 from ece.cluster import cluster_requests, eigengap_cluster_count, jaccard_similarity, optimisation_loops
 from ece.explain import column_l1_norms, neuron_scores, select_neurons
-from rome.context import EditContext
-from rome.fact_tokens import compute_keys
-from rome.sequential import SequentialState
-from rome.target_values import compute_target_values
+from editing.context import EditContext
+from editing.keys import compute_keys
+from editing.sequential import SequentialState
+from editing.target_values import compute_target_values
 from util.hooks import get_module
 from util.hparams import HParamsError
 from util.weights import read_weight
@@ -90,7 +90,7 @@ def test_optimisation_loops_split_large_clusters():
 
 def test_loop_size_follows_the_device_unless_the_hparams_set_it(tiny_llama):
     from ece.ece_main import loop_size
-    from rome.target_values import CPU_REQUESTS_PER_LOOP
+    from editing.target_values import CPU_REQUESTS_PER_LOOP
 
     assert loop_size(tiny_llama, ece_hparams("llama")) == CPU_REQUESTS_PER_LOOP  # the fixture runs on the CPU
     assert loop_size(tiny_llama, ece_hparams("llama", z_batch_size=3)) == 3
@@ -375,7 +375,7 @@ def test_shipped_ece_hparams_load_with_the_paper_values(method):
 def test_gradient_attribution_matches_a_manual_unpadded_gradient(tiny_gpt2, tiny_tok_bos):
     """Batched, left-padded GA equals |k * dlog p(true)/dk| computed for each prompt alone (GPT-2: absolute
     positions, so a padding mistake would show)."""
-    from rome.fact_tokens import fact_token_index
+    from editing.keys import fact_token_index
     from util.hooks import Trace
     from util.tokens import prompt_ids, target_ids
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rome.context import EditContext
-from rome.fact_tokens import compute_keys, states_at_fact_tokens
-from rome.layer_stats import load_corpus_text, load_or_compute_second_moments, stats_file, text_chunks
-from rome.target_values import compute_target_values
-from rome.update import least_squares_delta, spread_update_over_layers
+from editing.context import EditContext
+from editing.keys import compute_keys, states_at_fact_tokens
+from editing.layer_stats import load_corpus_text, load_or_compute_second_moments, stats_file, text_chunks
+from editing.target_values import compute_target_values
+from editing.update import least_squares_delta, spread_update_over_layers
 from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 from util.weights import read_weight
 
@@ -84,7 +84,7 @@ def test_second_moments_match_a_direct_computation_and_are_cached(tiny_gpt2, tin
     path = stats_file(stats_dir, "tiny-gpt2", hp, 2)
     assert path.exists() and not list(path.parent.glob(".*tmp"))
     # A second call reads the cache and never runs the model.
-    monkeypatch.setattr("rome.layer_stats.compute_second_moments", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("editing.layer_stats.compute_second_moments", lambda *a, **k: pytest.fail("recomputed"))
     again = load_or_compute_second_moments(tiny_gpt2, tiny_tok_bos, hp, [1, 2], "tiny-gpt2")
     assert torch.equal(again[1], result[1])
     # Another sample count is another file.
@@ -145,7 +145,7 @@ def test_memit_update_moves_outputs_to_targets(request, arch, tiny_tok, stats_di
 
 
 def test_other_layers_untouched_and_sequential_state(tiny_llama, tiny_tok, stats_dir):
-    from rome.sequential import SequentialState
+    from editing.sequential import SequentialState
 
     hp = make_hparams("llama")
     other = read_weight(tiny_llama, hp.rewrite_module(0)).clone()
@@ -222,7 +222,7 @@ def test_edit_context_keeps_statistics_of_different_settings_apart(tiny_llama, t
 def test_kl_term_is_current_against_unedited_as_memit_computes_it():
     """memit/compute_z.py:149-151: ``kl_div(kl_distr_init, kl_log_probs, log_target=True, reduction="batchmean")``
     is KL(p || p_0); the value and the gradient must match it, and differ from KL(p_0 || p)."""
-    from rome.target_values import kl_to_unedited
+    from editing.target_values import kl_to_unedited
 
     generator = torch.Generator().manual_seed(0)
     unedited = torch.log_softmax(torch.randn(1, 50, generator=generator), -1)
@@ -238,7 +238,7 @@ def test_kl_term_is_current_against_unedited_as_memit_computes_it():
 
 
 def test_target_loop_passes_the_current_distribution_first(tiny_llama, tiny_tok, monkeypatch):
-    import rome.target_values as target_values
+    import editing.target_values as target_values
 
     calls = []
     real = target_values.kl_to_unedited
@@ -254,7 +254,7 @@ def test_sequential_memit_without_c_prev_is_plain_memit_round_after_round(reques
     """AlphaEdit's MEMIT row: edits kept between rounds, no C_prev (experiments/evaluate.py:245)."""
     import copy
 
-    from rome.sequential import SequentialState
+    from editing.sequential import SequentialState
 
     model = request.getfixturevalue(f"tiny_{arch}")
     plain = copy.deepcopy(model)
@@ -273,7 +273,7 @@ def test_context_templates_count_tokens_as_generate_fast_does(tiny_gpt2, tiny_to
     """generate_fast's ``max_out_len`` counts the prompt (util/generate.py:102 upstream): a length-10
     template of a one-token seed samples 9 new tokens. MEMIT seeds with five words and drops braces;
     ROME seeds with the document-start token (GPT-2's <|endoftext|>), 10 of each length."""
-    import rome.context as context_module
+    import editing.context as context_module
 
     asked = []
     real = context_module.generate_texts

@@ -85,7 +85,7 @@ FT_LLAMA3 = {
 
 # -- Differences kept, each with its reason ---------------------------------------------------------
 
-NO_MODEL_NAME = {"model_name": (ABSENT, "rome/hparams.py LocateEditHyperParams rejects unknown keys and has no "
+NO_MODEL_NAME = {"model_name": (ABSENT, "editing/hparams.py LocateEditHyperParams rejects unknown keys and has no "
                                         "model_name; upstream reads it only to lay out its C_prev cache "
                                         "(alphaedit experiments/evaluate.py:196-203), util/weights.py does that")}
 SAMPLE_LENGTH = {"mom2_sample_length": (1024, "ours, no upstream key: C0 is measured on packed chunks of this "

@@ -64,7 +64,7 @@ def test_memit_edits_ten_real_records(env):
 def test_rome_flips_one_record(env, embedded_model_and_tok, data_dir):
     """ROME on a fact the model knows (Porsche 911, created by Porsche -> Honda)."""
     from dsets import CounterFactDataset
-    from rome.context import EditContext
+    from editing.context import EditContext
     from rome.rome_main import ROMEHyperParams, apply_rome_to_model
     from util.scoring import mean_nlls
     from util.weights import load_weights, snapshot_weights
@@ -126,7 +126,7 @@ def test_context_templates_are_sensible_text(embedded_model_and_tok):
     """Upstream's generator produced 'The-, the the--,, a. {}' (a sliced attention mask with left padding)."""
     import re
 
-    from rome.context import generate_context_templates
+    from editing.context import generate_context_templates
 
     model, tok = embedded_model_and_tok
     groups = generate_context_templates(model, tok, [[10, 5]], seed=0)
@@ -152,7 +152,7 @@ def test_sequential_protocol_and_downstream_schedule(env, monkeypatch, embedded_
         name = hparams.rewrite_module(hparams.layers[0])
         add_to_weight(model, name, -0.5 * read_weight(model, name))
         applied.append([r["case_id"] for r in requests])
-        from rome.locate_edit import EditReport
+        from editing.round import EditReport
         return EditReport()
 
     monkeypatch.setattr(evaluate, "get_algorithm", lambda name: dataclasses.replace(memit, apply=scale_down_layer))
@@ -224,8 +224,8 @@ def test_ece_variant_two_sequential_rounds_of_ten_real_edits(env, method, embedd
     CounterFact metric) >= 90% after each round."""
     from dsets import CounterFactDataset
     from ece import ECEHyperParams
-    from rome.context import EditContext
-    from rome.sequential import SequentialState
+    from editing.context import EditContext
+    from editing.sequential import SequentialState
     from util.scoring import mean_nlls
     from util.weights import load_weights, snapshot_weights
 

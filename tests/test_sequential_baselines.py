@@ -13,8 +13,8 @@ from baselines.memit import apply_memit_to_model
 from baselines.prune import PRUNEHyperParams, apply_prune_to_model, restrain
 from baselines.rect import RECTHyperParams, apply_rect_to_model, keep_top_relative_entries
 from experiments.algorithms import get_algorithm
-from rome.layer_stats import stats_file
-from rome.sequential import SequentialState
+from editing.layer_stats import stats_file
+from editing.sequential import SequentialState
 from util.hparams import HParamsError
 from util.paths import REPO_ROOT
 from util.weights import add_to_weight, read_weight, snapshot_weights

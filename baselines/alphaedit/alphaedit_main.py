@@ -21,11 +21,11 @@ from typing import Dict, Optional
 import torch
 
 from baselines.memit.memit_main import MEMITHyperParams
-from rome.context import EditContext
-from rome.layer_stats import stats_file
-from rome.locate_edit import EditReport, locate_and_edit
-from rome.sequential import SequentialState
-from rome.update import Solver
+from editing.context import EditContext
+from editing.layer_stats import stats_file
+from editing.round import EditReport, locate_and_edit
+from editing.sequential import SequentialState
+from editing.update import Solver
 from util.hparams import require
 from util.io import atomic_torch_save
 from util.models import model_device

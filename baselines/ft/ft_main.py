@@ -23,7 +23,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from rome.locate_edit import EditReport, timed
+from editing.round import EditReport, timed
 from util.hparams import HyperParams, require
 from util.models import model_device
 from util.scoring import left_padded_logits

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from rome.context import EditContext
-from rome.hparams import LocateEditHyperParams
-from rome.locate_edit import EditReport, locate_and_edit
-from rome.sequential import SequentialState
+from editing.context import EditContext
+from editing.hparams import LocateEditHyperParams
+from editing.round import EditReport, locate_and_edit
+from editing.sequential import SequentialState
 from util.hparams import require
 
 

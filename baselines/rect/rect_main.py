@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 
 from baselines.memit.memit_main import MEMITHyperParams
-from rome.context import EditContext
-from rome.locate_edit import EditReport, locate_and_edit
-from rome.sequential import SequentialState
+from editing.context import EditContext
+from editing.round import EditReport, locate_and_edit
+from editing.sequential import SequentialState
 from util.hparams import require
 from util.weights import add_to_weight, load_weights, read_weight, snapshot_weights
 

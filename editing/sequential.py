@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-from rome.fact_tokens import compute_keys
+from editing.keys import compute_keys
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from rome.fact_tokens import average_over_templates, request_templates, states_at_fact_tokens
+from editing.keys import average_over_templates, request_templates, states_at_fact_tokens
 from util.weights import add_to_weight
 
 LOG = logging.getLogger(__name__)

@@ -109,7 +109,7 @@ class EditContext:
 
     def second_moments(self, model, tok, hparams, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
         """``{layer: C0}`` for the rewrite module of each layer, from memory, disk, or one new pass."""
-        from rome.layer_stats import load_or_compute_second_moments, stats_file
+        from editing.layer_stats import load_or_compute_second_moments, stats_file
         from util.paths import get_paths
 
         # The cache file's path names every setting the statistics depend on.

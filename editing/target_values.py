@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from rome.fact_tokens import expand_templates, fact_token_index
+from editing.keys import expand_templates, fact_token_index
 from util.hooks import Trace, get_module, skip_modules
 from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids, target_ids

@@ -13,10 +13,10 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from rome.context import EditContext
-from rome.sequential import SequentialState
-from rome.target_values import TargetValues, compute_target_values
-from rome.update import Solver, UpdateRecord, least_squares_delta, spread_update_over_layers
+from editing.context import EditContext
+from editing.sequential import SequentialState
+from editing.target_values import TargetValues, compute_target_values
+from editing.update import Solver, UpdateRecord, least_squares_delta, spread_update_over_layers
 from util.weights import read_weight
 
 LOG = logging.getLogger(__name__)
