@@ -11,39 +11,12 @@ from editing.update import least_squares_delta, spread_update_over_layers
 from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 from util.weights import read_weight
 
-from baselines.memit import MEMITHyperParams, apply_memit_to_model
+from baselines.memit import apply_memit_to_model
 
-ARCH = {
-    "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",
-                 ln_f_module="transformer.ln_f", mlp_module_tmp="transformer.h.{}.mlp"),
-    "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
-                  ln_f_module="model.norm", mlp_module_tmp="model.layers.{}.mlp"),
-}
-REQUESTS = [
-    {"case_id": 0, "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
-     "target_new": {"str": "English"}, "target_true": {"str": "French"}},
-    {"case_id": 1, "prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
-     "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
-    {"case_id": 2, "prompt": "{}, who plays the", "subject": "Miles Davis",
-     "target_new": {"str": "piano"}, "target_true": {"str": "trumpet"}},
-]
-TEMPLATES = [["{}"], ["The history of the city. {}", "In the beginning. {}"]]
-
-
-def make_hparams(arch, cls=MEMITHyperParams, **overrides):
-    values = dict(layers=[1, 2], fact_token="subject_last", v_num_grad_steps=15, v_lr=0.5, v_loss_layer=3,
-                  v_weight_decay=0.01, clamp_norm_factor=4.0, kl_factor=0.0625, mom2_adjustment=True,
-                  mom2_dataset="wikitext", mom2_n_samples=40, mom2_sample_length=32, mom2_dtype="float32",
-                  mom2_update_weight=1.0, **ARCH[arch])
-    values.update(overrides)
-    return cls.from_dict(values)
-
-
-@pytest.fixture
-def stats_dir(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("ECE_STATS_DIR", str(tmp_path / "stats"))
-    monkeypatch.setenv("ECE_DATA_DIR", str(data_dir))
-    return tmp_path / "stats"
+# Kept importable for tests/test_ece.py, which still imports them from here; remove once it takes the
+# conftest fixtures (edit_requests, context_templates, make_hparams, stats_dir).
+from tests.conftest import TINY_REQUESTS as REQUESTS, TINY_TEMPLATES as TEMPLATES  # noqa: E402, F401
+from tests.conftest import stats_dir, tiny_hparams as make_hparams  # noqa: E402, F401
 
 
 def test_least_squares_delta_solves_the_normal_equations():
@@ -61,7 +34,8 @@ def test_least_squares_delta_solves_the_normal_equations():
     assert torch.allclose(exact @ keys.double(), residuals.double(), atol=1e-5)
 
 
-def test_second_moments_match_a_direct_computation_and_are_cached(tiny_gpt2, tiny_tok_bos, stats_dir, monkeypatch):
+def test_second_moments_match_a_direct_computation_and_are_cached(tiny_gpt2, tiny_tok_bos, stats_dir, monkeypatch,
+                                                                  make_hparams):
     hp = make_hparams("gpt2")
     result = load_or_compute_second_moments(tiny_gpt2, tiny_tok_bos, hp, [1, 2], "tiny-gpt2")
     chunks = text_chunks(tiny_tok_bos, load_corpus_text("wikitext"), 40, 32)
@@ -92,11 +66,12 @@ def test_second_moments_match_a_direct_computation_and_are_cached(tiny_gpt2, tin
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_batched_target_values_equal_one_request_at_a_time(request, arch, tiny_tok):
+def test_batched_target_values_equal_one_request_at_a_time(request, arch, tiny_tok, edit_requests, context_templates,
+                                                           make_hparams):
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = make_hparams(arch)
-    together = compute_target_values(model, tiny_tok, REQUESTS, hp, TEMPLATES, z_layer=2)
-    alone = compute_target_values(model, tiny_tok, REQUESTS, hp, TEMPLATES, z_layer=2, requests_per_loop=1)
+    together = compute_target_values(model, tiny_tok, edit_requests, hp, context_templates, z_layer=2)
+    alone = compute_target_values(model, tiny_tok, edit_requests, hp, context_templates, z_layer=2, requests_per_loop=1)
     assert together.loops == 1 and alone.loops == 3
     assert together.steps == alone.steps
     assert torch.allclose(together.targets, alone.targets, atol=1e-4, rtol=1e-4)
@@ -106,14 +81,14 @@ def test_batched_target_values_equal_one_request_at_a_time(request, arch, tiny_t
     assert (norms <= hp.clamp_norm_factor * together.initial.norm(dim=1) + 1e-4).all()
 
 
-def test_requests_stop_on_their_own(tiny_llama, tiny_tok):
-    first = compute_target_values(tiny_llama, tiny_tok, REQUESTS, make_hparams("llama", v_num_grad_steps=1),
-                                  TEMPLATES, z_layer=2)
+def test_requests_stop_on_their_own(tiny_llama, tiny_tok, edit_requests, context_templates, make_hparams):
+    first = compute_target_values(tiny_llama, tiny_tok, edit_requests, make_hparams("llama", v_num_grad_steps=1),
+                                  context_templates, z_layer=2)
     assert first.steps == [0, 0, 0]
     ranked = sorted(first.losses)
     threshold = (ranked[0] + ranked[1]) / 2  # the easiest request is already below it
     hp = make_hparams("llama", v_num_grad_steps=8, v_stop_loss=threshold)
-    values = compute_target_values(tiny_llama, tiny_tok, REQUESTS, hp, TEMPLATES, z_layer=2)
+    values = compute_target_values(tiny_llama, tiny_tok, edit_requests, hp, context_templates, z_layer=2)
     easiest = first.losses.index(ranked[0])
     assert values.steps[easiest] == 0
     assert torch.allclose(values.targets[easiest], values.initial[easiest])  # its delta never moved
@@ -121,14 +96,15 @@ def test_requests_stop_on_their_own(tiny_llama, tiny_tok):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_memit_update_moves_outputs_to_targets(request, arch, tiny_tok, stats_dir):
+def test_memit_update_moves_outputs_to_targets(request, arch, tiny_tok, stats_dir, edit_requests, context_templates,
+                                               make_hparams):
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = make_hparams(arch, mom2_update_weight=1e-4)
-    targets = compute_target_values(model, tiny_tok, REQUESTS, hp, TEMPLATES, z_layer=2).targets
+    targets = compute_target_values(model, tiny_tok, edit_requests, hp, context_templates, z_layer=2).targets
     second = load_or_compute_second_moments(model, tiny_tok, hp, hp.layers, f"tiny-{arch}")
     before = {l: read_weight(model, hp.rewrite_module(l)).clone() for l in hp.layers}
     solve = lambda layer, k, r: least_squares_delta(k, r, second[layer], hp.mom2_update_weight)
-    record = spread_update_over_layers(model, tiny_tok, REQUESTS, hp, targets, TEMPLATES, solve)
+    record = spread_update_over_layers(model, tiny_tok, edit_requests, hp, targets, context_templates, solve)
     # Each layer's update maps its keys onto its share of the residual (tiny regulariser).
     for layer in hp.layers:
         change = read_weight(model, hp.rewrite_module(layer)) - before[layer]
@@ -137,30 +113,32 @@ def test_memit_update_moves_outputs_to_targets(request, arch, tiny_tok, stats_di
     # update the output at the last edited layer reaches the target (up to the tiny regulariser).
     model_copy_targets = targets
     bare = [["{}"]]
-    record = spread_update_over_layers(model, tiny_tok, REQUESTS, hp, model_copy_targets, bare, solve)
-    _, out = states_at_fact_tokens(model, tiny_tok, [r["prompt"] for r in REQUESTS], [r["subject"] for r in REQUESTS],
-                                   "subject_last", outputs_of=[hp.layer_module(2)])
+    record = spread_update_over_layers(model, tiny_tok, edit_requests, hp, model_copy_targets, bare, solve)
+    _, out = states_at_fact_tokens(model, tiny_tok, [r["prompt"] for r in edit_requests],
+                                   [r["subject"] for r in edit_requests], "subject_last",
+                                   outputs_of=[hp.layer_module(2)])
     gap = (out[hp.layer_module(2)] - targets).norm(dim=1)
     assert (gap < 1e-2 * targets.norm(dim=1)).all(), gap
 
 
-def test_other_layers_untouched_and_sequential_state(tiny_llama, tiny_tok, stats_dir):
+def test_other_layers_untouched_and_sequential_state(tiny_llama, tiny_tok, stats_dir, edit_requests, make_hparams):
     from editing.sequential import SequentialState
 
     hp = make_hparams("llama")
     other = read_weight(tiny_llama, hp.rewrite_module(0)).clone()
     state = SequentialState()
     context = EditContext("tiny-llama", seed=0)
-    apply_memit_to_model(tiny_llama, tiny_tok, REQUESTS[:2], hp, context, state)
+    apply_memit_to_model(tiny_llama, tiny_tok, edit_requests[:2], hp, context, state)
     assert torch.equal(read_weight(tiny_llama, hp.rewrite_module(0)), other)
-    keys = compute_keys(tiny_llama, tiny_tok, REQUESTS[:2], hp, hp.layers, context.context_templates(
+    keys = compute_keys(tiny_llama, tiny_tok, edit_requests[:2], hp, hp.layers, context.context_templates(
         tiny_llama, tiny_tok, hp.context_template_length_params))
     assert state.rounds == 1 and state.edits == 2
     assert torch.allclose(state.prev_moment(2), (keys[2].T @ keys[2]).double(), atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_rome_target_value_lives_at_the_mlp_output(request, arch, tiny_tok, stats_dir, monkeypatch):
+def test_rome_target_value_lives_at_the_mlp_output(request, arch, tiny_tok, stats_dir, monkeypatch, edit_requests,
+                                                   make_hparams):
     """rome/compute_v.py:79-87 adds the delta to the MLP output; the clamp and decay are scaled by its
     norm; k* is the flat mean over ROME's templates (compute_u.py:83-90); after the update the MLP output
     at the fact token of the bare prompt is the target."""
@@ -170,20 +148,20 @@ def test_rome_target_value_lives_at_the_mlp_output(request, arch, tiny_tok, stat
     hp = make_hparams(arch, cls=ROMEHyperParams, layers=[2], clamp_norm_factor=0.5)
     mlp = hp.mlp_module_tmp.format(2)
     rewrite = hp.rewrite_module(2)
-    prompt, subject = REQUESTS[0]["prompt"], REQUESTS[0]["subject"]
+    prompt, subject = edit_requests[0]["prompt"], edit_requests[0]["subject"]
     _, unedited = states_at_fact_tokens(model, tiny_tok, [prompt], [subject], "subject_last", outputs_of=[mlp])
     context = EditContext(f"tiny-{arch}")
     flat = [[t for g in context.context_templates(model, tiny_tok, hp.context_template_length_params, style="rome")
              for t in g]]
     assert len(flat[0]) == 21 and flat[0][0] == "{}"  # "{}" and 10 + 10 generated prefixes
-    values = compute_target_values(model, tiny_tok, REQUESTS[:1], hp, flat, 2, edit_module=mlp)
+    values = compute_target_values(model, tiny_tok, edit_requests[:1], hp, flat, 2, edit_module=mlp)
     assert torch.allclose(values.initial[0], unedited[mlp][0].float(), atol=1e-5)
     delta_norm = float((values.targets - values.initial).norm())
     assert 0 < delta_norm <= 0.5 * float(values.initial.norm()) + 1e-4  # clamped against ||MLP output||
     keys_seen = []
     real = rome_main.rank_one_delta
     monkeypatch.setattr(rome_main, "rank_one_delta", lambda k_avg, k, *a: keys_seen.append(k_avg) or real(k_avg, k, *a))
-    apply_rome_to_model(model, tiny_tok, REQUESTS[:1], hp, context)
+    apply_rome_to_model(model, tiny_tok, edit_requests[:1], hp, context)
     templates = [t.format(prompt) for t in flat[0]]
     inputs, _ = states_at_fact_tokens(model, tiny_tok, templates, [subject] * 21, "subject_last", inputs_of=[rewrite])
     # Keys of the rewrite module are its inputs, which the edit of that module does not change.
@@ -192,7 +170,7 @@ def test_rome_target_value_lives_at_the_mlp_output(request, arch, tiny_tok, stat
     assert torch.allclose(after[mlp][0].float(), values.targets[0], atol=1e-3)
 
 
-def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stats_dir):
+def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stats_dir, make_hparams):
     """``mom2_keys_per_dimension`` stops the statistics after that many keys per input dimension of the
     rewrite module, and caches them apart from the full statistics."""
     import torch as _torch
@@ -207,7 +185,7 @@ def test_statistics_stop_after_keys_per_dimension(tiny_llama, tiny_tok_bos, stat
     assert stats_file(stats_dir, "tiny-llama", hp, 1) != stats_file(stats_dir, "tiny-llama", full, 1)
 
 
-def test_edit_context_keeps_statistics_of_different_settings_apart(tiny_llama, tiny_tok_bos, stats_dir):
+def test_edit_context_keeps_statistics_of_different_settings_apart(tiny_llama, tiny_tok_bos, stats_dir, make_hparams):
     """One run-scoped context serving two hparams that differ only in how many keys the statistics
     hold (the benchmark's ``ALG:key=value`` rows) returns two different C0."""
     context = EditContext("tiny-llama")
@@ -237,7 +215,8 @@ def test_kl_term_is_current_against_unedited_as_memit_computes_it():
     assert abs(float(reverse.detach()) - float(upstream.detach())) > 1e-2
 
 
-def test_target_loop_passes_the_current_distribution_first(tiny_llama, tiny_tok, monkeypatch):
+def test_target_loop_passes_the_current_distribution_first(tiny_llama, tiny_tok, monkeypatch, edit_requests,
+                                                           context_templates, make_hparams):
     import editing.target_values as target_values
 
     calls = []
@@ -245,12 +224,14 @@ def test_target_loop_passes_the_current_distribution_first(tiny_llama, tiny_tok,
     monkeypatch.setattr(target_values, "kl_to_unedited",
                         lambda current, unedited: calls.append((current.requires_grad, unedited.requires_grad))
                         or real(current, unedited))
-    compute_target_values(tiny_llama, tiny_tok, REQUESTS[:1], make_hparams("llama", v_num_grad_steps=3), TEMPLATES, 2)
+    compute_target_values(tiny_llama, tiny_tok, edit_requests[:1], make_hparams("llama", v_num_grad_steps=3),
+                          context_templates, 2)
     assert calls and all(current and not unedited for current, unedited in calls)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_sequential_memit_without_c_prev_is_plain_memit_round_after_round(request, arch, tiny_tok, stats_dir):
+def test_sequential_memit_without_c_prev_is_plain_memit_round_after_round(request, arch, tiny_tok, stats_dir,
+                                                                          edit_requests, make_hparams):
     """AlphaEdit's MEMIT row: edits kept between rounds, no C_prev (experiments/evaluate.py:245)."""
     import copy
 
@@ -260,7 +241,7 @@ def test_sequential_memit_without_c_prev_is_plain_memit_round_after_round(reques
     plain = copy.deepcopy(model)
     hp = make_hparams(arch, z_requests_per_loop=2)
     state, context, plain_context = SequentialState(track_prev_moments=False), EditContext("t"), EditContext("t")
-    for round_requests in (REQUESTS[:2], REQUESTS[2:]):
+    for round_requests in (edit_requests[:2], edit_requests[2:]):
         apply_memit_to_model(model, tiny_tok, round_requests, hp, context, state)
         apply_memit_to_model(plain, tiny_tok, round_requests, hp, plain_context)
     assert state.rounds == 2 and state.prev_moments == {}

@@ -11,18 +11,26 @@ from util.hparams import HParamsError
 from util.paths import REPO_ROOT
 from util.weights import weight_parameter
 
-from tests.test_editing_math import ARCH, REQUESTS
-
 FT_DIR = REPO_ROOT / "hparams" / "FT"
-# One-token new targets for the tiny tokenizer, so that the FT loss is exactly -log p(target | prompt).
-ONE_TOKEN = [{**r, "target_new": {"str": new}} for r, new in zip(REQUESTS, ("German", "city", "song"))]
 
 
-def shipped(fname: str, arch: str = "llama", layer: int = 1, **overrides) -> FTHyperParams:
-    """A shipped smollm2 file's optimisation settings on a layer the 4-layer tiny model has."""
-    values = json.loads((FT_DIR / fname).read_text())
-    values.update(layers=[layer], rewrite_module_tmp=ARCH[arch]["rewrite_module_tmp"], **overrides)
-    return FTHyperParams.from_dict(values, source=fname)
+@pytest.fixture
+def one_token(edit_requests):
+    """The shared requests with one-token new targets for the tiny tokenizer, so that the FT loss is exactly
+    -log p(target | prompt)."""
+    return [{**r, "target_new": {"str": new}} for r, new in zip(edit_requests, ("German", "city", "song"))]
+
+
+@pytest.fixture
+def shipped(arch_modules):
+    """``shipped(fname, arch="llama", layer=1, **overrides)``: a shipped smollm2 file's optimisation settings
+    on a layer the 4-layer tiny model has."""
+    def load(fname: str, arch: str = "llama", layer: int = 1, **overrides) -> FTHyperParams:
+        values = json.loads((FT_DIR / fname).read_text())
+        values.update(layers=[layer], rewrite_module_tmp=arch_modules[arch]["rewrite_module_tmp"], **overrides)
+        return FTHyperParams.from_dict(values, source=fname)
+
+    return load
 
 
 def target_nll(model, tok, requests) -> torch.Tensor:
@@ -37,14 +45,15 @@ def all_parameters(model):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_ft_l_with_the_smollm2_settings_raises_the_target_and_keeps_the_bound(request, arch, tiny_tok):
+def test_ft_l_with_the_smollm2_settings_raises_the_target_and_keeps_the_bound(request, arch, tiny_tok, shipped,
+                                                                              one_token):
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = shipped("smollm2-135m.json", arch)
     assert hp.constrained and hp.norm_constraint > 0
     name = hp.rewrite_module_tmp.format(1)
-    before, nll_before = all_parameters(model), target_nll(model, tiny_tok, ONE_TOKEN)
-    report = apply_ft_to_model(model, tiny_tok, ONE_TOKEN, hp)
-    gain = nll_before - target_nll(model, tiny_tok, ONE_TOKEN)
+    before, nll_before = all_parameters(model), target_nll(model, tiny_tok, one_token)
+    report = apply_ft_to_model(model, tiny_tok, one_token, hp)
+    gain = nll_before - target_nll(model, tiny_tok, one_token)
     # Every new target became more likely. The random tiny models react weakly to a bounded change, so the
     # margin is per architecture: the old bound (5e-4) moved these NLLs by at most 0.0033 (llama) and
     # 0.044 (gpt2), the shipped one by at least 0.025 and 0.44.
@@ -58,13 +67,13 @@ def test_ft_l_with_the_smollm2_settings_raises_the_target_and_keeps_the_bound(re
     assert [n for n in before if not torch.equal(before[n], after[n])] == [f"{name}.weight"]
 
 
-def test_unconstrained_file_moves_past_the_ft_l_bound(tiny_llama, tiny_tok):
+def test_unconstrained_file_moves_past_the_ft_l_bound(tiny_llama, tiny_tok, shipped, one_token):
     bound = shipped("smollm2-135m.json").norm_constraint
     hp = shipped("smollm2-135m_unconstr.json")
     assert hp.norm_constraint is False and not hp.constrained
     name = hp.rewrite_module_tmp.format(1)
     w0 = weight_parameter(tiny_llama, name).detach().clone()
-    apply_ft_to_model(tiny_llama, tiny_tok, ONE_TOKEN, hp)
+    apply_ft_to_model(tiny_llama, tiny_tok, one_token, hp)
     assert float((weight_parameter(tiny_llama, name).detach() - w0).abs().max()) > 1.2 * bound
 
 
@@ -84,26 +93,26 @@ def test_loss_scores_every_target_token_after_the_prompt(tiny_llama, tiny_tok):
     assert float(batched) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
 
 
-def test_a_loss_below_stop_loss_takes_no_step(tiny_llama, tiny_tok):
+def test_a_loss_below_stop_loss_takes_no_step(tiny_llama, tiny_tok, shipped, one_token):
     hp = shipped("smollm2-135m.json", stop_loss=1e9)
     name = hp.rewrite_module_tmp.format(1)
     w0 = weight_parameter(tiny_llama, name).detach().clone()
-    report = apply_ft_to_model(tiny_llama, tiny_tok, ONE_TOKEN, hp)
+    report = apply_ft_to_model(tiny_llama, tiny_tok, one_token, hp)
     assert torch.equal(weight_parameter(tiny_llama, name).detach(), w0)
     assert report.extra["ft_steps"] == 1
 
 
-def test_ft_stops_after_the_first_epoch_below_stop_loss(tiny_llama, tiny_tok):
+def test_ft_stops_after_the_first_epoch_below_stop_loss(tiny_llama, tiny_tok, shipped, one_token):
     """The tiny models' final norm caps their logits (no target reaches the default 1e-2), so the
     stopping level is set 0.3 below the starting loss, which a large step reaches well within 200 epochs."""
-    start = float(target_nll(tiny_llama, tiny_tok, ONE_TOKEN[:1])[0])
+    start = float(target_nll(tiny_llama, tiny_tok, one_token[:1])[0])
     hp = shipped("smollm2-135m_unconstr.json", lr=5e-2, num_steps=200, stop_loss=start - 0.3)
-    report = apply_ft_to_model(tiny_llama, tiny_tok, ONE_TOKEN[:1], hp)
+    report = apply_ft_to_model(tiny_llama, tiny_tok, one_token[:1], hp)
     assert report.extra["ft_loss"] < hp.stop_loss
     assert 1 < report.extra["ft_steps"] < 200
 
 
 @pytest.mark.parametrize("value, message", [(True, "not true"), (-1e-3, ">= 0")])
-def test_bad_norm_constraint_is_rejected(value, message):
+def test_bad_norm_constraint_is_rejected(value, message, shipped):
     with pytest.raises(HParamsError, match=message):
         shipped("smollm2-135m.json", norm_constraint=value)

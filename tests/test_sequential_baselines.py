@@ -19,9 +19,6 @@ from util.hparams import HParamsError
 from util.paths import REPO_ROOT
 from util.weights import add_to_weight, read_weight, snapshot_weights
 
-from tests.test_ece import fixed_context
-from tests.test_editing_math import REQUESTS, make_hparams, stats_dir  # noqa: F401
-
 
 def orthonormal(d: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +49,8 @@ def test_nullspace_projector_annihilates_the_dominant_subspace():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_projector_of_real_statistics_is_cached_next_to_them(request, arch, tiny_tok, stats_dir, monkeypatch):
+def test_projector_of_real_statistics_is_cached_next_to_them(request, arch, tiny_tok, stats_dir, monkeypatch,
+                                                             fixed_context, make_hparams):
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = make_hparams(arch, cls=AlphaEditHyperParams, nullspace_threshold=1e-4)
     context = fixed_context()
@@ -79,7 +77,7 @@ def test_projector_of_real_statistics_is_cached_next_to_them(request, arch, tiny
     assert projector_file(stats_dir, "tiny", other, 1) != projector_file(stats_dir, "tiny", hp, 1)
 
 
-def test_alphaedit_solve_matches_its_equation_and_stays_in_the_null_space():
+def test_alphaedit_solve_matches_its_equation_and_stays_in_the_null_space(make_hparams):
     d_in, d_out, n = 12, 5, 3
     generator = torch.Generator().manual_seed(1)
     u = orthonormal(d_in, seed=2)
@@ -102,7 +100,8 @@ def test_alphaedit_solve_matches_its_equation_and_stays_in_the_null_space():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_alphaedit_leaves_preserved_keys_alone_where_memit_does_not(request, arch, tiny_tok, stats_dir):
+def test_alphaedit_leaves_preserved_keys_alone_where_memit_does_not(request, arch, tiny_tok, stats_dir, edit_requests,
+                                                                    fixed_context, make_hparams):
     model = request.getfixturevalue(f"tiny_{arch}")
     memit_model = copy.deepcopy(model)
     probe = make_hparams(arch)
@@ -113,8 +112,9 @@ def test_alphaedit_leaves_preserved_keys_alone_where_memit_does_not(request, arc
                       mom2_update_weight=1.0, z_requests_per_loop=3)
     before = edited_weights(model, hp)
     state = SequentialState()
-    report = apply_alphaedit_to_model(model, tiny_tok, REQUESTS, hp, fixed_context(), state)
-    apply_memit_to_model(memit_model, tiny_tok, REQUESTS, make_hparams(arch, mom2_update_weight=1.0), fixed_context())
+    report = apply_alphaedit_to_model(model, tiny_tok, edit_requests, hp, fixed_context(), state)
+    apply_memit_to_model(memit_model, tiny_tok, edit_requests, make_hparams(arch, mom2_update_weight=1.0),
+                         fixed_context())
     assert state.rounds == 1 and report.target_loops == 1
     for layer, weight in before.items():
         eigenvalues, eigenvectors = torch.linalg.eigh(second_moments[layer].double())
@@ -127,7 +127,8 @@ def test_alphaedit_leaves_preserved_keys_alone_where_memit_does_not(request, arc
         assert (memit_change @ preserved).norm() > 0.1 * unedited_outputs
 
 
-def test_alphaedit_reads_its_projectors_once_per_run_and_per_threshold(tiny_gpt2, tiny_tok, stats_dir, monkeypatch):
+def test_alphaedit_reads_its_projectors_once_per_run_and_per_threshold(tiny_gpt2, tiny_tok, stats_dir, monkeypatch,
+                                                                       edit_requests, fixed_context, make_hparams):
     import baselines.alphaedit.alphaedit_main as alphaedit_main
 
     real, calls = alphaedit_main.load_or_compute_projectors, []
@@ -136,9 +137,9 @@ def test_alphaedit_reads_its_projectors_once_per_run_and_per_threshold(tiny_gpt2
     context, state = fixed_context(), SequentialState()
     hp = make_hparams("gpt2", cls=AlphaEditHyperParams, nullspace_threshold=1e-4, z_requests_per_loop=3)
     for _ in range(2):
-        apply_alphaedit_to_model(tiny_gpt2, tiny_tok, REQUESTS, hp, context, state)
+        apply_alphaedit_to_model(tiny_gpt2, tiny_tok, edit_requests, hp, context, state)
     other = make_hparams("gpt2", cls=AlphaEditHyperParams, nullspace_threshold=2e-4, z_requests_per_loop=3)
-    apply_alphaedit_to_model(tiny_gpt2, tiny_tok, REQUESTS, other, context, state)
+    apply_alphaedit_to_model(tiny_gpt2, tiny_tok, edit_requests, other, context, state)
     assert state.rounds == 3 and calls == [1e-4, 2e-4]
 
 
@@ -185,7 +186,8 @@ def _round_updates_spied(monkeypatch, names):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_prune_over_three_rounds_equals_f_of_the_raw_sum(request, arch, tiny_tok, stats_dir, monkeypatch):
+def test_prune_over_three_rounds_equals_f_of_the_raw_sum(request, arch, tiny_tok, stats_dir, monkeypatch, edit_requests,
+                                                         fixed_context, make_hparams):
     """W_orig + F(sum of raw updates), not F applied again to an already restrained edit (which would
     cap every large singular value at s_max); the rounds carry no C_prev."""
     model = request.getfixturevalue(f"tiny_{arch}")
@@ -195,7 +197,7 @@ def test_prune_over_three_rounds_equals_f_of_the_raw_sum(request, arch, tiny_tok
     updates = _round_updates_spied(monkeypatch, names)
     state, context = SequentialState(track_prev_moments=False), fixed_context()
     for round_index in range(3):
-        report = apply_prune_to_model(model, tiny_tok, REQUESTS[round_index:round_index + 1], hp, context, state)
+        report = apply_prune_to_model(model, tiny_tok, edit_requests[round_index:round_index + 1], hp, context, state)
     assert state.rounds == 3 and state.prev_moments == {} and len(updates) == 3
     assert sorted(report.extra["restrained_modules"]) == sorted(names)
     for name in names:
@@ -214,7 +216,8 @@ def test_prune_over_three_rounds_equals_f_of_the_raw_sum(request, arch, tiny_tok
 
 
 @pytest.mark.parametrize("arch", ["llama"])
-def test_prune_after_the_last_round_applies_once(request, arch, tiny_tok, stats_dir, monkeypatch):
+def test_prune_after_the_last_round_applies_once(request, arch, tiny_tok, stats_dir, monkeypatch, edit_requests,
+                                                 fixed_context, make_hparams):
     from baselines.prune import finish_prune
 
     model = request.getfixturevalue(f"tiny_{arch}")
@@ -223,7 +226,7 @@ def test_prune_after_the_last_round_applies_once(request, arch, tiny_tok, stats_
     unedited = snapshot_weights(model, names)
     state, context = SequentialState(track_prev_moments=False), fixed_context()
     for round_index in range(2):
-        report = apply_prune_to_model(model, tiny_tok, REQUESTS[round_index:round_index + 1], hp, context, state)
+        report = apply_prune_to_model(model, tiny_tok, edit_requests[round_index:round_index + 1], hp, context, state)
         assert report.extra["restrained_modules"] == []
     plain = snapshot_weights(model, names)
     for name in names:  # untouched until the end: the plain sequential MEMIT edit
@@ -268,7 +271,8 @@ def test_keep_top_relative_entries_on_a_known_example():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_rect_applies_the_masked_final_update_of_an_unmasked_memit_pass(request, arch, tiny_tok, stats_dir):
+def test_rect_applies_the_masked_final_update_of_an_unmasked_memit_pass(request, arch, tiny_tok, stats_dir,
+                                                                        edit_requests, fixed_context, make_hparams):
     """memit_rect_main.py:40-61: MEMIT over all layers unmasked, weights restored, then each layer's final
     update masked against the weight before the round and added. No C_prev."""
     model = request.getfixturevalue(f"tiny_{arch}")
@@ -276,8 +280,9 @@ def test_rect_applies_the_masked_final_update_of_an_unmasked_memit_pass(request,
     hp = make_hparams(arch, cls=RECTHyperParams, top_k_percent=25.0, z_requests_per_loop=3)
     before = edited_weights(model, hp)
     state = SequentialState(track_prev_moments=False)
-    report = apply_rect_to_model(model, tiny_tok, REQUESTS, hp, fixed_context(), state)
-    apply_memit_to_model(memit_model, tiny_tok, REQUESTS, make_hparams(arch, z_requests_per_loop=3), fixed_context())
+    report = apply_rect_to_model(model, tiny_tok, edit_requests, hp, fixed_context(), state)
+    apply_memit_to_model(memit_model, tiny_tok, edit_requests, make_hparams(arch, z_requests_per_loop=3),
+                         fixed_context())
     assert state.prev_moments == {} and state.rounds == 1
     for layer in hp.layers:
         memit_update = edited_weights(memit_model, hp)[layer] - before[layer]
@@ -301,7 +306,7 @@ def test_rect_applies_the_masked_final_update_of_an_unmasked_memit_pass(request,
     (PRUNEHyperParams, "z_requests_per_loop", 0),
     (PRUNEHyperParams, "prune_schedule", "sometimes"),
 ])
-def test_hparams_validation_names_the_bad_key(cls, key, value):
+def test_hparams_validation_names_the_bad_key(cls, key, value, make_hparams):
     with pytest.raises(HParamsError, match=f"'{key}'"):
         make_hparams("llama", cls=cls, **{key: value})
 
@@ -324,7 +329,7 @@ def test_registered_with_hparams_files_for_every_model(name, extra):
 # -- Drift on generic text ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path):
+def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path, make_hparams):
     """No edit: no change and the same perplexity. W -> (1 + eps) W: every key's output moves by exactly eps.
     A change orthogonal to every key moves nothing, although the weights changed."""
     from experiments.edit_drift import edit_drift, load_run
