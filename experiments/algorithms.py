@@ -31,29 +31,32 @@ def _registry():
 
     from baselines.alphaedit import AlphaEditHyperParams, apply_alphaedit_to_model
     from baselines.ft import FTHyperParams, apply_ft_to_model
-    from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model
     from baselines.memit import MEMITHyperParams, apply_memit_to_model
     from baselines.prune import PRUNEHyperParams, apply_prune_to_model, finish_prune
     from baselines.rect import RECTHyperParams, apply_rect_to_model
+    from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model
     from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 
-    locate_edit = dict(uses_sequential_state=True)
     algorithms = [
         Algorithm("ROME", ROMEHyperParams, apply_rome_to_model, sequential_by_default=False,
                   uses_sequential_state=False),
         # MEMIT --sequential keeps the edits but not C_prev: AlphaEdit's "MEMIT" row, the one that collapses.
-        Algorithm("MEMIT", MEMITHyperParams, apply_memit_to_model, sequential_by_default=False, **locate_edit),
+        Algorithm("MEMIT", MEMITHyperParams, apply_memit_to_model, sequential_by_default=False,
+                  uses_sequential_state=True),
         Algorithm("MEMIT_seq", MEMITHyperParams, apply_memit_to_model, sequential_by_default=True,
-                  keeps_prev_moments=True, hparams_folder="MEMIT", **locate_edit),
+                  uses_sequential_state=True, keeps_prev_moments=True, hparams_folder="MEMIT"),
         Algorithm("FT", FTHyperParams, apply_ft_to_model, sequential_by_default=False, uses_sequential_state=False),
         Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit_to_model, sequential_by_default=True,
-                  keeps_prev_moments=True, **locate_edit),
+                  uses_sequential_state=True, keeps_prev_moments=True),
         Algorithm("MEMIT_prune", PRUNEHyperParams, apply_prune_to_model, sequential_by_default=True,
-                  finish=finish_prune, **locate_edit),
-        Algorithm("MEMIT_rect", RECTHyperParams, apply_rect_to_model, sequential_by_default=True, **locate_edit),
+                  uses_sequential_state=True, finish=finish_prune),
+        Algorithm("MEMIT_rect", RECTHyperParams, apply_rect_to_model, sequential_by_default=True,
+                  uses_sequential_state=True),
     ]
+    # The four neuron scores share one hparams folder: the files are the same for all of them.
     algorithms += [Algorithm(f"ECE_{method}", ECEHyperParams, partial(apply_ece_to_model, method=method),
-                             sequential_by_default=True, keeps_prev_moments=True, **locate_edit)
+                             sequential_by_default=True, uses_sequential_state=True, keeps_prev_moments=True,
+                             hparams_folder="ECE")
                    for method in SCORE_METHODS]
     return {a.name: a for a in algorithms}
 

@@ -362,7 +362,8 @@ def test_shipped_ece_hparams_load_with_the_paper_values(method):
 
     algorithm = get_algorithm(f"ECE_{method}")
     assert algorithm.sequential_by_default and algorithm.uses_sequential_state
-    folder = Path(__file__).resolve().parent.parent / "hparams" / f"ECE_{method}"
+    assert algorithm.hparams_dir_name == "ECE"  # one folder for the four neuron scores
+    folder = Path(__file__).resolve().parent.parent / "hparams" / algorithm.hparams_dir_name
     for model, (layers, lam, lr, steps, loss_layer) in PAPER_VALUES.items():
         hp = algorithm.hparams_class.from_json(folder / f"{model}.json")
         assert (hp.layers, hp.mom2_update_weight, hp.v_lr, hp.v_num_grad_steps, hp.v_loss_layer) == \
