@@ -1,4 +1,8 @@
-"""ECE (explain, cluster, batch-optimise, restricted update): one sequential editing round.
+"""ECE (explain, cluster, batch-optimise, restricted update): ECE's part of the shared editing round.
+
+The round itself (statistics, templates, target values, layer loop, sequential state) is
+``editing.round.locate_and_edit``; ``ECERound`` gives it steps 1-2 (``plan_loops``), the restricted solve
+of step 4 (``make_solver``) and step 5 (``refine``), and writes the round's explanation.
 
 1. Explain: score every neuron of an edited layer for every request (``ece.explain``); the round's
    neuron set ``S(l)`` is the nucleus of the scores summed over the requests. By default
@@ -31,9 +35,9 @@ from ece.explain import SCORE_METHODS, neuron_scores, scores_from_keys, select_n
 from ece.hparams import ECEHyperParams
 from editing.context import EditContext
 from editing.keys import states_at_fact_tokens
-from editing.round import EditReport, second_moments_or_identity, timed
+from editing.round import EditReport, locate_and_edit, timed
 from editing.sequential import SequentialState
-from editing.target_values import compute_target_values, default_requests_per_loop
+from editing.target_values import TargetValues, default_requests_per_loop
 from editing.update import Solver, least_squares_delta, spread_update_over_layers
 
 LOG = logging.getLogger(__name__)
@@ -129,117 +133,136 @@ def remaining_errors(model, tok, requests, hparams, targets: torch.Tensor) -> to
     return (targets.to(current.device) - current).norm(dim=1).cpu()
 
 
-def apply_ece_to_model(
-    model, tok, requests, hparams: ECEHyperParams, context: EditContext,
-    state: Optional[SequentialState] = None, method: str = "WI",
-) -> EditReport:
-    """Edit ``model`` in place with ECE using neuron score ``method``; the report carries the explanation."""
-    report = EditReport()
-    layers = hparams.layers
-    threshold = hparams.neuron_threshold
-    with timed(report.seconds, "statistics"):
-        second_moments = second_moments_or_identity(model, tok, hparams, context)
-    with timed(report.seconds, "templates"):
-        groups = context.context_templates(model, tok, hparams.context_template_length_params)
-    # WI depends neither on the requests nor on the earlier layers' weights: scoring it in the loop would
-    # give the same sets.
-    after_update = hparams.score_layers_after_update and method != "WI"
-    with timed(report.seconds, "explain"):
-        # Scored after the update, only the first layer is needed now (clustering); no earlier layer of
-        # the round is updated when it is solved, so these scores are its in-loop scores as well.
-        up_front = layers[:1] if after_update else layers
-        scores = neuron_scores(model, tok, requests, hparams, groups, method, layers=up_front)
-        scorer = in_loop_scorer(model, tok, requests, hparams, groups, method) if after_update else None
-        selection = NeuronSelection(threshold, scorer, scores={l: s.cpu() for l, s in scores.items()})
-        first = selection.scores[layers[0]]
-        own_sets = [select_neurons(row, threshold) for row in first]
-    with timed(report.seconds, "cluster"):
-        labels = cluster_requests(own_sets, hparams.n_clusters, hparams.max_clusters, seed=context.seed,
-                                  width=first.shape[1])
-        loops = optimisation_loops(labels, loop_size(model, hparams))
-    LOG.info("ECE_%s: %d requests in %d clusters (%d loops); layers scored %s", method, len(requests),
-             int(labels.max()) + 1 if len(labels) else 0, len(loops),
-             "in the layer loop, after the earlier layers' update" if after_update else "before the update")
-    with timed(report.seconds, "target_values"):
-        values = compute_target_values(model, tok, requests, hparams, groups, z_layer=layers[-1], loops=loops,
-                                       shared_delta=hparams.z_mode == "shared", prefix_cache=hparams.z_prefix_cache)
-    with timed(report.seconds, "update"):
-        solve = restricted_solver(hparams, second_moments, state, selection)
-        record = spread_update_over_layers(model, tok, requests, hparams, values.targets, groups, solve)
+class ECERound:
+    """ECE's part of the shared round (``editing.round.locate_and_edit``): explain and cluster before the
+    target values, the solve restricted to ``S(l)``, the refinement passes; it keeps what the round's
+    explanation reports."""
+
+    def __init__(self, model, tok, requests, hparams: ECEHyperParams, method: str, seed: int):
+        self.model, self.tok, self.requests, self.hparams = model, tok, requests, hparams
+        self.method, self.seed = method, seed
+        # WI depends neither on the requests nor on the earlier layers' weights: scoring it in the loop would
+        # give the same sets.
+        self.scored_in_loop = hparams.score_layers_after_update and method != "WI"
+        self.selection: Optional[NeuronSelection] = None
+        self.own_sets: List[torch.Tensor] = []  # each request's own set at the first edited layer
+        self.labels = np.zeros(0, dtype=int)  # cluster of each request
+        self.loops: List[List[int]] = []
+        self.values: Optional[TargetValues] = None
+        self.errors: Optional[torch.Tensor] = None  # remaining error of each request after the last pass
+        self.refinements: List[dict] = []
+
+    def plan_loops(self, template_groups, seconds: Dict[str, float]) -> List[List[int]]:
+        """Explain, then cluster: one target loop per cluster, split to ``loop_size``."""
+        model, tok, requests, hparams, method = self.model, self.tok, self.requests, self.hparams, self.method
+        layers, threshold = hparams.layers, hparams.neuron_threshold
+        with timed(seconds, "explain"):
+            # Scored in the loop, only the first layer is needed now (clustering); no earlier layer of
+            # the round is updated when it is solved, so these scores are its in-loop scores as well.
+            up_front = layers[:1] if self.scored_in_loop else layers
+            scores = neuron_scores(model, tok, requests, hparams, template_groups, method, layers=up_front)
+            scorer = None
+            if self.scored_in_loop:
+                scorer = in_loop_scorer(model, tok, requests, hparams, template_groups, method)
+            self.selection = NeuronSelection(threshold, scorer, scores={l: s.cpu() for l, s in scores.items()})
+            first = self.selection.scores[layers[0]]
+            self.own_sets = [select_neurons(row, threshold) for row in first]
+        with timed(seconds, "cluster"):
+            self.labels = cluster_requests(self.own_sets, hparams.n_clusters, hparams.max_clusters, seed=self.seed,
+                                           width=first.shape[1])
+            self.loops = optimisation_loops(self.labels, loop_size(model, hparams))
+        LOG.info("ECE_%s: %d requests in %d clusters (%d loops); layers scored %s", method, len(requests),
+                 int(self.labels.max()) + 1 if len(self.labels) else 0, len(self.loops),
+                 "in the layer loop, after the earlier layers' update" if self.scored_in_loop else "before the update")
+        return self.loops
+
+    def make_solver(self, hparams, second_moments, state: Optional[SequentialState]) -> Solver:
+        return restricted_solver(hparams, second_moments, state, self.selection)
+
+    def refine(self, values: TargetValues, solve: Solver, template_groups) -> None:
+        """Re-run the layer loop for the requests whose remaining error lies in (alpha, upper_bound), with
+        the sets of the main pass, up to ``max_iterations`` passes in all."""
+        model, tok, requests, hparams = self.model, self.tok, self.requests, self.hparams
+        self.values = values
         errors = remaining_errors(model, tok, requests, hparams, values.targets)
-        refinements = []
         for iteration in range(2, hparams.max_iterations + 1):
             upper = hparams.upper_bound if hparams.upper_bound is not None else float("inf")
             chosen = [i for i, e in enumerate(errors.tolist()) if hparams.alpha < e < upper]
             if not chosen:
                 break
             spread_update_over_layers(model, tok, [requests[i] for i in chosen], hparams, values.targets[chosen],
-                                      groups, solve)
+                                      template_groups, solve)
             errors = remaining_errors(model, tok, requests, hparams, values.targets)
-            refinements.append({"iteration": iteration, "case_ids": [requests[i].get("case_id") for i in chosen]})
-        if state is not None:
-            state.absorb_round(model, tok, requests, hparams, groups)
+            self.refinements.append({"iteration": iteration, "case_ids": [requests[i].get("case_id") for i in chosen]})
+        self.errors = errors
+
+    def explanation(self, seconds: Dict[str, float]) -> dict:
+        """Which neurons were edited (the sets the solves used, and the scores they came from), and which
+        facts were optimised together."""
+        hparams, requests, values, labels = self.hparams, self.requests, self.values, self.labels
+        scores, round_scores = self.selection.scores, self.selection.round_scores
+        selected = self.selection.selected
+        layers = {}
+        for l in hparams.layers:
+            mass = round_scores[l]
+            total = float(mass.sum()) or 1.0
+            layers[str(l)] = {
+                "n_neurons": len(mass), "n_selected": len(selected[l]), "selected_neurons": selected[l].tolist(),
+                "mass_share": float(mass[selected[l]].sum()) / total,
+                "top_neurons": [{"neuron": i, "share": float(mass[i]) / total}
+                                for i in _top(mass, TOP_NEURONS_PER_LAYER)],
+            }
+        similarity = jaccard_similarity(self.own_sets, width=len(round_scores[hparams.layers[0]]))
+        clusters = []
+        for label in sorted(set(labels.tolist())):
+            members = np.flatnonzero(labels == label)
+            block = similarity[np.ix_(members, members)]
+            pairs = len(members) * (len(members) - 1)
+            clusters.append({
+                "cluster": int(label), "size": len(members),
+                "case_ids": [requests[i].get("case_id") for i in members],
+                "mean_jaccard": float((block.sum() - len(members)) / pairs) if pairs else 1.0,
+                "loops": sum(1 for loop in self.loops if loop[0] in members),
+            })
+        per_request = []
+        for j, request in enumerate(requests):
+            per_request.append({
+                "case_id": request.get("case_id"), "subject": request["subject"],
+                "prompt": request["prompt"], "target_new": request["target_new"]["str"],
+                "cluster": int(labels[j]), "loop": values.loop_of[j],
+                "n_own_neurons_first_layer": len(self.own_sets[j]),
+                "top_neurons": {str(l): _top(scores[l][j], TOP_NEURONS_PER_REQUEST) for l in hparams.layers},
+                "target_steps": values.steps[j], "target_loss": values.losses[j],
+                "remaining_error": float(self.errors[j]),
+            })
+        return {
+            "method": f"ECE_{self.method}", "neuron_threshold": hparams.neuron_threshold, "z_mode": hparams.z_mode,
+            "scored_after_update": self.scored_in_loop,
+            "n_requests": len(requests), "n_clusters": len(clusters), "n_loops": len(self.loops),
+            "seconds": seconds, "layers": layers, "clusters": clusters, "requests": per_request,
+            "refinement": self.refinements,
+        }
+
+
+def apply_ece_to_model(
+    model, tok, requests, hparams: ECEHyperParams, context: EditContext,
+    state: Optional[SequentialState] = None, method: str = "WI",
+) -> EditReport:
+    """Edit ``model`` in place with ECE using neuron score ``method``; the report carries the explanation."""
+    ece = ECERound(model, tok, requests, hparams, method, seed=context.seed)
+    report = locate_and_edit(model, tok, requests, hparams, context, state, make_solver=ece.make_solver,
+                             plan_loops=ece.plan_loops, shared_delta=hparams.z_mode == "shared", refine=ece.refine)
     # Scoring inside the layer loop is explaining, not updating: keep the stages disjoint.
-    in_loop = selection.seconds.get("explain", 0.0)
+    in_loop = ece.selection.seconds.get("explain", 0.0)
     report.seconds["update"] -= in_loop
     report.seconds["explain"] += in_loop
-    selected = selection.selected
+    selected = ece.selection.selected
     LOG.info("ECE_%s: neurons selected per layer %s", method, {l: len(s) for l, s in selected.items()})
-    report.target_loops, report.target_steps = values.loops, values.steps
-    report.target_forward_tokens = values.forward_tokens
-    report.residual_norms = record.residual_norms
-    report.extra = {"neuron_score": method, "n_clusters": int(labels.max()) + 1,
+    report.extra = {"neuron_score": method, "n_clusters": int(ece.labels.max()) + 1,
                     "selected_neurons": {str(l): len(s) for l, s in selected.items()}}
-    report.explanation = _explanation(method, hparams, requests, selection, after_update, own_sets, labels, loops,
-                                      values, errors, refinements, report.seconds)
+    report.explanation = ece.explanation(report.seconds)
     return report
 
 
 def _top(scores: torch.Tensor, count: int) -> List[int]:
     return torch.topk(scores, min(count, len(scores))).indices.tolist()
-
-
-def _explanation(method, hparams, requests, selection: NeuronSelection, after_update: bool, own_sets,
-                 labels: np.ndarray, loops, values, errors, refinements, seconds) -> dict:
-    """The round's explanation: which neurons were edited (the sets the solves used, and the scores they
-    came from), and which facts were optimised together."""
-    scores, round_scores, selected = selection.scores, selection.round_scores, selection.selected
-    layers = {}
-    for l in hparams.layers:
-        mass = round_scores[l]
-        total = float(mass.sum()) or 1.0
-        layers[str(l)] = {
-            "n_neurons": len(mass), "n_selected": len(selected[l]), "selected_neurons": selected[l].tolist(),
-            "mass_share": float(mass[selected[l]].sum()) / total,
-            "top_neurons": [{"neuron": i, "share": float(mass[i]) / total} for i in _top(mass, TOP_NEURONS_PER_LAYER)],
-        }
-    similarity = jaccard_similarity(own_sets, width=len(round_scores[hparams.layers[0]]))
-    clusters = []
-    for label in sorted(set(labels.tolist())):
-        members = np.flatnonzero(labels == label)
-        block = similarity[np.ix_(members, members)]
-        pairs = len(members) * (len(members) - 1)
-        clusters.append({
-            "cluster": int(label), "size": len(members),
-            "case_ids": [requests[i].get("case_id") for i in members],
-            "mean_jaccard": float((block.sum() - len(members)) / pairs) if pairs else 1.0,
-            "loops": sum(1 for loop in loops if loop[0] in members),
-        })
-    per_request = []
-    for j, request in enumerate(requests):
-        per_request.append({
-            "case_id": request.get("case_id"), "subject": request["subject"],
-            "prompt": request["prompt"], "target_new": request["target_new"]["str"],
-            "cluster": int(labels[j]), "loop": values.loop_of[j],
-            "n_own_neurons_first_layer": len(own_sets[j]),
-            "top_neurons": {str(l): _top(scores[l][j], TOP_NEURONS_PER_REQUEST) for l in hparams.layers},
-            "target_steps": values.steps[j], "target_loss": values.losses[j],
-            "remaining_error": float(errors[j]),
-        })
-    return {
-        "method": f"ECE_{method}", "neuron_threshold": hparams.neuron_threshold, "z_mode": hparams.z_mode,
-        "scored_after_update": after_update,
-        "n_requests": len(requests), "n_clusters": len(clusters), "n_loops": len(loops),
-        "seconds": seconds, "layers": layers, "clusters": clusters, "requests": per_request,
-        "refinement": refinements,
-    }

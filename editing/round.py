@@ -1,7 +1,11 @@
-"""The locate-and-edit round shared by MEMIT and its sequential relatives.
+"""The locate-and-edit round shared by MEMIT, its sequential relatives and ECE.
 
-statistics -> context templates -> target values -> layer-by-layer least squares -> sequential state.
-A method passes its own ``make_solver`` (how ``Delta`` is solved) and nothing else.
+statistics -> context templates -> [plan_loops] -> target values -> layer-by-layer least squares
+-> [refine] -> [after_update] -> sequential state.
+
+A method changes the round only through its arguments: ``make_solver`` (how ``Delta`` is solved),
+``requests_per_loop`` or ``plan_loops`` and ``shared_delta`` (which requests share a target-value loop),
+``refine`` (more passes of the layer loop) and ``after_update`` (what happens to the finished update).
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -69,26 +73,42 @@ def memit_solver(hparams, second_moments, state: Optional[SequentialState]) -> S
     return solve
 
 
+# plan_loops(template_groups, seconds) -> request indices of each target-value loop; the hook times its
+# own stages into ``seconds`` (ECE: "explain" and "cluster").
+LoopPlanner = Callable[[list, Dict[str, float]], Sequence[Sequence[int]]]
+# refine(values, solve, template_groups): runs after the first pass of the layer loop, before the state
+# absorbs the round (ECE: passes of the layer loop for the requests still far from their targets).
+Refinement = Callable[[TargetValues, Solver, list], None]
+
+
 def locate_and_edit(
     model, tok, requests, hparams, context: EditContext, state: Optional[SequentialState] = None,
     make_solver: Callable = memit_solver, requests_per_loop: Optional[int] = 1,
-    after_update: Optional[Callable[[UpdateRecord], None]] = None,
+    plan_loops: Optional[LoopPlanner] = None, shared_delta: bool = False,
+    refine: Optional[Refinement] = None, after_update: Optional[Callable[[UpdateRecord], None]] = None,
 ) -> EditReport:
-    """One round of MEMIT-style editing of ``requests``; updates ``state`` when given (sequential)."""
+    """One round of MEMIT-style editing of ``requests``; updates ``state`` when given (sequential).
+
+    The target loops are chunks of ``requests_per_loop`` requests unless ``plan_loops`` decides them;
+    ``shared_delta`` gives each loop one delta. ``after_update(record)`` sees the first pass's update
+    record and the weights after every pass.
+    """
     report = EditReport()
     with timed(report.seconds, "statistics"):
         second_moments = second_moments_or_identity(model, tok, hparams, context)
     with timed(report.seconds, "templates"):
         groups = context.context_templates(model, tok, hparams.context_template_length_params)
+    loops = plan_loops(groups, report.seconds) if plan_loops is not None else None
     with timed(report.seconds, "target_values"):
         values: TargetValues = compute_target_values(
             model, tok, requests, hparams, groups, z_layer=hparams.layers[-1], requests_per_loop=requests_per_loop,
-            prefix_cache=hparams.z_prefix_cache,
+            loops=loops, shared_delta=shared_delta, prefix_cache=hparams.z_prefix_cache,
         )
     with timed(report.seconds, "update"):
-        record = spread_update_over_layers(
-            model, tok, requests, hparams, values.targets, groups, make_solver(hparams, second_moments, state)
-        )
+        solve = make_solver(hparams, second_moments, state)
+        record = spread_update_over_layers(model, tok, requests, hparams, values.targets, groups, solve)
+        if refine is not None:
+            refine(values, solve, groups)
         if after_update is not None:
             after_update(record)
         if state is not None:
