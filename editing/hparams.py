@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional, Tuple
 
 from util.hparams import HyperParams, require
 
@@ -45,11 +45,15 @@ class LocateEditHyperParams(HyperParams):
     # Speed only, same values: compute the layers up to the last edited one once per target loop (no
     # step changes their output) and run only the layers above it at every step.
     z_below_cache: bool = True
-    # Accepted for compatibility with MEMIT's files; the model's output-embedding module is used.
+    # ``COMPATIBILITY_KEYS``: accepted for compatibility with MEMIT's files and ignored with a warning (the
+    # output-embedding module is found from the model; every layer in ``layers`` is edited).
+    # ``mlp_module_tmp``: ROME's target value sits at this module's output; the other methods do not read it.
     layer_selection: Optional[str] = None
     lm_head_module: Optional[str] = None
     mlp_module_tmp: Optional[str] = None
     attn_module_tmp: Optional[str] = None
+
+    COMPATIBILITY_KEYS: ClassVar[Tuple[str, ...]] = ("layer_selection", "lm_head_module", "attn_module_tmp")
 
     def validate(self, source: str) -> None:
         require(len(self.layers) > 0, source, "layers", "must list at least one layer")

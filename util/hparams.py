@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional, Tuple
+
+from util.errors import ECEError
+
+LOG = logging.getLogger(__name__)
 
 
-class HParamsError(ValueError):
+class HParamsError(ECEError, ValueError):
     """A hyperparameter file that cannot be used; the message names the file and the key."""
 
 
@@ -40,7 +45,13 @@ def _type_name(expected: Any) -> str:
 
 @dataclasses.dataclass
 class HyperParams:
-    """Base class. Subclasses declare fields; ``from_json`` checks names and types."""
+    """Base class. Subclasses declare fields; ``from_json`` checks names and types.
+
+    ``COMPATIBILITY_KEYS``: fields accepted so that the published files load unchanged, but read by no
+    code here; a file that sets one gets a warning naming it.
+    """
+
+    COMPATIBILITY_KEYS: ClassVar[Tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "<dict>"):
@@ -71,25 +82,53 @@ class HyperParams:
                 )
         obj = cls(**values)
         obj.validate(source)
+        for name in sorted(set(values) & set(cls.COMPATIBILITY_KEYS)):
+            LOG.warning("%s: key '%s' is ignored by %s (accepted only so that the published files load)",
+                        source, name, cls.__name__)
         return obj
 
     @classmethod
-    def from_json(cls, path: str | Path):
-        path = Path(path)
-        if not path.exists():
-            raise HParamsError(f"hyperparameter file {path} does not exist")
-        try:
-            with open(path) as f:
-                values = json.load(f)
-        except json.JSONDecodeError as e:
-            raise HParamsError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-        return cls.from_dict(values, source=str(path))
+    def from_json(cls, path: str | Path, overrides: Optional[dict] = None):
+        """The file's values, with ``overrides`` (``{key: value}``, e.g. from ``--hparams``) on top."""
+        values = read_hparams_file(path)
+        if not overrides:
+            return cls.from_dict(values, source=str(path))
+        return cls.from_dict({**values, **overrides}, source=f"{path} with overrides {overrides}")
 
     def validate(self, source: str) -> None:
         """Checks across keys; subclasses extend it and raise HParamsError naming the key."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_hparams_file(path: str | Path) -> dict:
+    """The JSON object of a hyperparameter file; :class:`HParamsError` when it is missing or not JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise HParamsError(f"hyperparameter file {path} does not exist")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise HParamsError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    if not isinstance(values, dict):
+        raise HParamsError(f"{path}: expected a JSON object of hyperparameters, got {type(values).__name__}")
+    return values
+
+
+def parse_overrides(pairs) -> dict:
+    """``["key=value", ...]`` -> ``{key: value}``; a value is JSON (``false``, ``10``, ``[3, 4]``) or else a string."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise HParamsError(f"bad hyperparameter override {pair!r}: write key=value")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
 
 
 def require(condition: bool, source: str, key: str, message: str) -> None:

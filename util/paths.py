@@ -11,9 +11,11 @@ from pathlib import Path
 
 import yaml
 
+from util.errors import SettingError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GLOBALS_FILE = REPO_ROOT / "globals.yml"
-FOLDER_KEYS = ("RESULTS_DIR", "DATA_DIR", "STATS_DIR", "KV_DIR", "MODELS_DIR", "HPARAMS_DIR")
+FOLDER_KEYS = ("RESULTS_DIR", "DATA_DIR", "STATS_DIR", "MODELS_DIR", "HPARAMS_DIR")
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,8 @@ class Paths:
     results_dir: Path
     data_dir: Path
     stats_dir: Path
-    kv_dir: Path
     models_dir: Path
     hparams_dir: Path
-    remote_root_url: str
 
 
 def _read_globals() -> dict:
@@ -33,7 +33,7 @@ def _read_globals() -> dict:
     with open(GLOBALS_FILE) as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{GLOBALS_FILE} must be a mapping of KEY: value, got {type(values).__name__}")
+        raise SettingError(f"{GLOBALS_FILE} must be a mapping of KEY: value, got {type(values).__name__}")
     return values
 
 
@@ -49,7 +49,7 @@ def get_paths() -> Paths:
     for key in FOLDER_KEYS:
         value = os.environ.get(f"ECE_{key}") or values.get(key) or key.split("_")[0].lower()
         folders[key.lower()] = _resolve(value)
-    return Paths(**folders, remote_root_url=str(values.get("REMOTE_ROOT_URL", "")))
+    return Paths(**folders)
 
 
 def safe_name(name: str) -> str:

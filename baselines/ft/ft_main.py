@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import ClassVar, List, Optional, Tuple, Union
 
 import torch
 
@@ -44,13 +44,17 @@ class FTHyperParams(HyperParams):
     norm_constraint: Union[float, bool, None]
     batch_size: int = 64
     stop_loss: float = 1e-2
-    # Accepted for compatibility with the original files (the reference does not read them either).
+    # Accepted for compatibility with the original files and ignored with a warning (the reference does not
+    # read them either).
     layer_module_tmp: Optional[str] = None
     mlp_module_tmp: Optional[str] = None
     attn_module_tmp: Optional[str] = None
     ln_f_module: Optional[str] = None
     lm_head_module: Optional[str] = None
     kl_factor: Optional[float] = None
+
+    COMPATIBILITY_KEYS: ClassVar[Tuple[str, ...]] = ("layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+                                                     "ln_f_module", "lm_head_module", "kl_factor")
 
     @property
     def constrained(self) -> bool:

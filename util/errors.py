@@ -1,0 +1,13 @@
+"""The project's own error type: what a script reports in one line instead of a traceback."""
+
+
+class ECEError(Exception):
+    """A problem with the user's input (arguments, files, folders, settings) whose message says what to do.
+
+    Scripts catch only this type (``util.cli.run_script``): any other exception is a bug and keeps its
+    traceback. Subclasses also derive from ``ValueError`` or ``FileNotFoundError`` where callers expect those.
+    """
+
+
+class SettingError(ECEError, ValueError):
+    """A setting (command-line value, globals.yml entry) that cannot be used."""
