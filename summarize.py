@@ -6,7 +6,8 @@ Usage::
 
 Without ``--runs`` every ``run_NNN`` folder under ``<results_dir>/<dir_name>/`` is summarised.
 
-What is computed (DESIGN.md section 7), separately for each evaluation stage of a case file:
+What is computed (DESIGN.md section 7; the per-case metrics and their aggregation live in
+``experiments/metrics.py``, shared with the benchmark), separately for each evaluation stage of a case file:
 ``pre`` (unedited model), ``post`` (right after the case's editing round) and ``final`` (on the model after
 the last round of a sequential run).
 
@@ -39,9 +40,15 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from experiments.metrics import (CF_KEYS, COUNTERFACT, MIXED, ZSRE, ZSRE_KEYS, as_number, counterfact_case_metrics,
+                                 describe_protocol, detect_dataset, generation_protocol_of, protocol_identity,
+                                 summarize_stage, zsre_case_metrics)
+from util.cli import add_verbose_argument, run_script, setup_logging
+from util.errors import ECEError
 
 logger = logging.getLogger("summarize")
 
@@ -54,270 +61,12 @@ STAGE_LABELS = {
 RUN_RE = re.compile(r"run_(\d+)")
 CASE_RE = re.compile(r"(\d+)_edits-case_(.+)\.json")
 
-COUNTERFACT = "counterfact"
-ZSRE = "zsre"
-CF_KEYS = {
-    "efficacy": "rewrite_prompts_probs",
-    "generalization": "paraphrase_prompts_probs",
-    "specificity": "neighborhood_prompts_probs",
-}
-ZSRE_KEYS = {
-    "efficacy": "rewrite_prompts_correct",
-    "generalization": "paraphrase_prompts_correct",
-    "specificity": "neighborhood_prompts_correct",
-}
-SUCCESS_METRICS = ("efficacy", "generalization", "specificity")
-MAGNITUDE_METRICS = ("efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
-Z_95 = 1.96
-PERCENT = 100.0
 DOWNSTREAM_METRIC_ORDER = ("accuracy", "f1", "mcc")
 DOWNSTREAM_PLOT_NAME = "downstream.png"
-NOT_RECORDED = "not recorded"
-MIXED = "mixed"
 
 
-class SummarizeError(Exception):
+class SummarizeError(ECEError):
     """A results folder, run or file that cannot be summarised; the message names the path."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Per-case metrics
-# ----------------------------------------------------------------------------------------------------
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number, got {value!r}")
-    return float(value)
-
-
-def _entries(stage: dict, key: str, stage_name: str) -> list | None:
-    if key not in stage or stage[key] is None:
-        return None
-    entries = stage[key]
-    if not isinstance(entries, list):
-        raise ValueError(f"'{stage_name}.{key}' must be a list, got {type(entries).__name__}")
-    return entries
-
-
-def _cf_nlls(entries: list, key: str, stage_name: str) -> tuple[np.ndarray, np.ndarray]:
-    new, true = [], []
-    for i, entry in enumerate(entries):
-        where = f"'{stage_name}.{key}[{i}]'"
-        if not isinstance(entry, dict) or "target_new" not in entry or "target_true" not in entry:
-            raise ValueError(f"{where} must be a dict with 'target_new' and 'target_true' NLLs, got {entry!r}")
-        new.append(_number(entry["target_new"], f"{where}.target_new"))
-        true.append(_number(entry["target_true"], f"{where}.target_true"))
-    return np.asarray(new, dtype=float), np.asarray(true, dtype=float)
-
-
-def counterfact_case_metrics(stage: dict, stage_name: str = "post") -> dict[str, float | None]:
-    """Success rates and magnitudes (fractions, not percent) of one case at one stage; ``None`` where the
-    case has no prompts of that kind."""
-    out: dict[str, float | None] = {}
-    for metric, key in CF_KEYS.items():
-        entries = _entries(stage, key, stage_name)
-        if not entries:
-            out[metric] = out[f"{metric}_magnitude"] = None
-            continue
-        nll_new, nll_true = _cf_nlls(entries, key, stage_name)
-        p_new, p_true = np.exp(-nll_new), np.exp(-nll_true)
-        if metric == "specificity":
-            out[metric] = float(np.mean(nll_true < nll_new))
-            out[f"{metric}_magnitude"] = float(np.mean(p_true - p_new))
-        else:
-            out[metric] = float(np.mean(nll_true > nll_new))
-            out[f"{metric}_magnitude"] = float(np.mean(p_new - p_true))
-    for metric, key in (("fluency", "ngram_entropy"), ("consistency", "reference_score")):
-        value = stage.get(key)
-        out[metric] = None if value is None else _number(value, f"'{stage_name}.{key}'")
-    return out
-
-
-def _token_accuracy(tokens: Any, where: str) -> float | None:
-    if isinstance(tokens, (bool, int, float)):
-        tokens = [tokens]
-    if not isinstance(tokens, list):
-        raise ValueError(f"{where} must be a list of per-token booleans, got {tokens!r}")
-    if not tokens:
-        return None
-    values = []
-    for t in tokens:
-        if not isinstance(t, (bool, int, float)):
-            raise ValueError(f"{where} must hold booleans, got {t!r}")
-        values.append(float(t))
-    return float(np.mean(values))
-
-
-def zsre_case_metrics(stage: dict, stage_name: str = "post") -> dict[str, float | None]:
-    """Token accuracies (fractions) of one case at one stage: mean over prompts of the per-prompt mean."""
-    out: dict[str, float | None] = {}
-    for metric, key in ZSRE_KEYS.items():
-        entries = _entries(stage, key, stage_name)
-        per_prompt = []
-        for i, tokens in enumerate(entries or []):
-            acc = _token_accuracy(tokens, f"'{stage_name}.{key}[{i}]'")
-            if acc is not None:
-                per_prompt.append(acc)
-        out[metric] = float(np.mean(per_prompt)) if per_prompt else None
-    return out
-
-
-def detect_dataset(stage: dict) -> str | None:
-    """``counterfact`` when the stage holds ``*_prompts_probs`` (checked first: MEMIT's CounterFact results
-    also carry ``*_correct`` lists), ``zsre`` when it holds ``*_prompts_correct``, else ``None``."""
-    if any(key in stage for key in CF_KEYS.values()):
-        return COUNTERFACT
-    if any(key in stage for key in ZSRE_KEYS.values()):
-        return ZSRE
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Aggregation
-# ----------------------------------------------------------------------------------------------------
-
-
-def interval(values: Iterable[float | None], scale: float = PERCENT) -> dict | None:
-    """Mean and 95% interval (``1.96 * std / sqrt(n)``, sample std) of the non-``None`` values, scaled."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    arr = np.asarray(vals, dtype=float) * scale
-    n = len(arr)
-    mean = float(arr.mean())
-    std = half = low = high = None
-    if n > 1:
-        std = float(arr.std(ddof=1))
-        half = Z_95 * std / math.sqrt(n)
-        low, high = mean - half, mean + half
-    return {"mean": mean, "ci95": half, "low": low, "high": high, "std": std, "n": n}
-
-
-def harmonic_mean(values: Sequence[float]) -> float:
-    if any(v <= 0 for v in values):
-        return 0.0
-    return len(values) / sum(1.0 / v for v in values)
-
-
-def summarize_stage(per_case: list[dict], dataset: str, stage_name: str) -> dict:
-    """Aggregate the per-case metrics of one stage."""
-    out: dict[str, Any] = {"stage": stage_name, "n_cases": len(per_case), "notes": []}
-    for metric in SUCCESS_METRICS:
-        out[metric] = interval(c[metric] for c in per_case)
-    means = [out[m]["mean"] for m in SUCCESS_METRICS if out[m] is not None]
-    out["score"] = harmonic_mean(means) if len(means) == len(SUCCESS_METRICS) else None
-    missing = [m for m in SUCCESS_METRICS if out[m] is None]
-    if missing:
-        out["notes"].append(f"no prompts for {', '.join(missing)}; Score not computed")
-    if dataset == COUNTERFACT:
-        for metric in MAGNITUDE_METRICS:
-            out[metric] = interval(c[metric] for c in per_case)
-        _check_generation_sources(per_case, out)
-        for metric, key in (("fluency", "ngram_entropy"), ("consistency", "reference_score")):
-            if out.get(f"{metric}_status") == MIXED:
-                out[metric] = None
-                continue
-            out[metric] = interval(c[metric] for c in per_case)
-            n_present = sum(c[metric] is not None for c in per_case)
-            if out[metric] is None:
-                had_key = any(c.get(f"_{metric}_key") for c in per_case)
-                status = "unavailable" if metric == "consistency" and had_key else "absent"
-            else:
-                status = "ok"
-                if n_present < len(per_case):
-                    out["notes"].append(
-                        f"{metric} from {n_present} of {len(per_case)} cases ({key} missing or null in the rest)"
-                    )
-            out[f"{metric}_status"] = status
-        if out["consistency_status"] == "unavailable":
-            out["notes"].append(
-                f"consistency unavailable: reference_score is null in all {len(per_case)} cases "
-                "(neither published nor substitute references and tf-idf statistics when the run was evaluated)"
-            )
-    else:
-        for metric in MAGNITUDE_METRICS + ("fluency", "consistency"):
-            out[metric] = None
-        out["fluency_status"] = out["consistency_status"] = "absent"
-        out["generation_protocol"] = out["consistency_source"] = None
-    return out
-
-
-def generation_protocol_of(stage: dict, stage_name: str = "post") -> dict | None:
-    """The protocol that generated a stage's texts (``{"name": "not recorded"}`` for generation metrics
-    written before protocols were stored), or ``None`` when the stage has no generation metrics."""
-    if "ngram_entropy" not in stage and "text" not in stage:
-        return None
-    protocol = stage.get("generation_protocol")
-    if protocol is None:
-        return {"name": NOT_RECORDED}
-    if not isinstance(protocol, dict) or not isinstance(protocol.get("name"), str):
-        raise ValueError(f"'{stage_name}.generation_protocol' must be an object with a 'name', got {protocol!r}")
-    return protocol
-
-
-def _protocol_identity(protocol: dict) -> str:
-    """What makes two protocols comparable: every parameter except the seed."""
-    return json.dumps({k: v for k, v in protocol.items() if k != "seed"}, sort_keys=True)
-
-
-def describe_protocol(protocol: dict | None) -> str:
-    if protocol is None:
-        return "-"
-    name = protocol["name"]
-    if name == "published":
-        seed = protocol.get("seed")
-        seeds = ", ".join(map(str, seed)) if isinstance(seed, list) else seed
-        return (f"published: top-k {protocol.get('top_k')} sampling, {protocol.get('max_out_len')} tokens "
-                f"including the prompt, seed {seeds} (MEMIT generate_fast)")
-    if name == "greedy":
-        return f"greedy: argmax decoding, {protocol.get('max_new_tokens')} new tokens"
-    if name == NOT_RECORDED:
-        return "not recorded: the case files do not say how their texts were generated"
-    return name
-
-
-def _check_generation_sources(per_case: list[dict], out: dict) -> None:
-    """Set the stage's ``generation_protocol`` and ``consistency_source``; mark fluency and consistency
-    ``mixed`` (not aggregated) when its cases used different protocols or consistency sources."""
-    protocols: dict[str, dict] = {}
-    counts: dict[str, int] = {}
-    seeds: list = []
-    for case in per_case:
-        protocol = case.get("_generation_protocol")
-        if protocol is None:
-            continue
-        identity = _protocol_identity(protocol)
-        protocols.setdefault(identity, protocol)
-        counts[identity] = counts.get(identity, 0) + 1
-        if "seed" in protocol and protocol["seed"] not in seeds:
-            seeds.append(protocol["seed"])
-    out["generation_protocol"] = None
-    if len(protocols) == 1:
-        out["generation_protocol"] = dict(next(iter(protocols.values())))
-        if len(seeds) > 1:
-            out["generation_protocol"]["seed"] = seeds
-    elif len(protocols) > 1:
-        found = "; ".join(f"{counts[k]} cases {describe_protocol(p)}" for k, p in protocols.items())
-        out["generation_protocol"] = {"name": MIXED, "protocols": list(protocols.values())}
-        out["fluency_status"] = out["consistency_status"] = MIXED
-        message = f"fluency and consistency not aggregated: the cases mix generation protocols ({found})"
-        out["notes"].append(message)
-        logger.warning("stage %s: %s", out["stage"], message)
-    sources: dict[str, int] = {}
-    for case in per_case:
-        if case["consistency"] is not None:
-            source = case.get("_consistency_source") or NOT_RECORDED
-            sources[source] = sources.get(source, 0) + 1
-    out["consistency_source"] = next(iter(sources)) if len(sources) == 1 else None
-    if len(sources) > 1:
-        out["consistency_source"] = MIXED
-        if out.get("consistency_status") != MIXED:
-            out["consistency_status"] = MIXED
-            found = "; ".join(f"{n} cases {source}" for source, n in sources.items())
-            message = f"consistency not aggregated: the cases mix references / tf-idf statistics ({found})"
-            out["notes"].append(message)
-            logger.warning("stage %s: %s", out["stage"], message)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,7 +191,7 @@ def _read_case(path: Path) -> tuple[dict, str, dict[str, dict]]:
                 m = zsre_case_metrics(stage, stage_name)
             metrics[stage_name] = m
         if record.get("time") is not None:
-            _number(record["time"], "'time'")
+            as_number(record["time"], "'time'")
         grouped = record.get("grouped_case_ids")
         if grouped is not None and not isinstance(grouped, list):
             raise ValueError(f"'grouped_case_ids' must be a list, got {grouped!r}")
@@ -491,7 +240,7 @@ def load_downstream(run_dir: Path) -> list[dict] | None:
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if "edit_count" not in data:
                 raise ValueError("no 'edit_count'")
-            edit_count = _number(data["edit_count"], "'edit_count'")
+            edit_count = as_number(data["edit_count"], "'edit_count'")
             tasks = data.get("tasks")
             if not isinstance(tasks, dict):
                 raise ValueError(f"'tasks' must be a JSON object of task -> metrics, got {tasks!r}")
@@ -724,7 +473,7 @@ def _protocols_shown(runs: list[dict]) -> dict[str, dict]:
     shown: dict[str, dict] = {}
     for protocol in _stage_values(runs, "generation_protocol"):
         for p in protocol.get("protocols", [protocol]) if protocol["name"] == MIXED else [protocol]:
-            shown.setdefault(_protocol_identity(p), p)
+            shown.setdefault(protocol_identity(p), p)
     return shown
 
 
@@ -852,35 +601,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     parser.add_argument("--plot", action="store_true",
                         help="write downstream.png (downstream metrics over edit_count) into each run folder")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    add_verbose_argument(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> None:
+    """Print the table (or JSON) of the runs asked for; :class:`SummarizeError` when they cannot be read."""
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.results_dir is None:
-            from util.paths import get_paths
+    setup_logging(args.verbose)
+    if args.results_dir is None:
+        from util.paths import get_paths
 
-            results_dir = get_paths().results_dir
-        else:
-            results_dir = Path(args.results_dir).expanduser()
-        runs = summarize(args.dir_name, args.runs, results_dir)
-        if args.plot:
-            for run in runs:
-                path = plot_downstream(run)
-                run["downstream_plot"] = None if path is None else str(path)
-    except SummarizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        results_dir = get_paths().results_dir
+    else:
+        results_dir = Path(args.results_dir).expanduser()
+    runs = summarize(args.dir_name, args.runs, results_dir)
+    if args.plot:
+        for run_summary in runs:
+            path = plot_downstream(run_summary)
+            run_summary["downstream_plot"] = None if path is None else str(path)
     if args.json:
         print(to_json(runs))
     else:
         print(render_text(runs, Path(results_dir) / args.dir_name))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status: 0, or 2 with a one-line message for a results folder that cannot be summarised."""
+    return run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dsets.counterfact import CounterFactDataset, MultiCounterFactDataset
 from dsets.data_files import (
     DATA_URLS,
     DataFileNotFoundError,
+    DataFormatError,
     data_dir_candidates,
     find_data_file,
     locate_data_file,
@@ -36,6 +37,7 @@ __all__ = [
     "CounterFactDataset",
     "DATA_URLS",
     "DataFileNotFoundError",
+    "DataFormatError",
     "KnownsDataset",
     "MENDQADataset",
     "MultiCounterFactDataset",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-from dsets.data_files import find_data_file
+from dsets.data_files import DataFormatError, find_data_file
 
 LOG = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ class CounterFactDataset(Sequence):
         with open(self.path) as f:
             raw = json.load(f)
         if not isinstance(raw, list):
-            raise ValueError(f"{self.path}: expected a JSON list of records, got {type(raw).__name__}")
+            raise DataFormatError(f"{self.path}: expected a JSON list of records, got {type(raw).__name__}")
         self.data = raw[:size] if size is not None else raw
         for index, record in enumerate(self.data):
             problem = _record_problem(record)
             if problem:
                 case_id = record.get("case_id", f"<none, index {index}>") if isinstance(record, dict) else index
-                raise ValueError(f"{self.path}: case_id {case_id}: {problem}")
+                raise DataFormatError(f"{self.path}: case_id {case_id}: {problem}")
         LOG.info("loaded %d records from %s", len(self.data), self.path)
 
     def __len__(self) -> int:

@@ -9,6 +9,9 @@ Search order for every file (DESIGN.md section 6):
 A file found nowhere is downloaded from its canonical URL (``DATA_URLS``) into the first of those folders,
 atomically and with a progress bar. Without network (or with ``ECE_OFFLINE=1``) the lookup fails fast with a
 ``DataFileNotFoundError`` that names the file, every folder searched and how to provide the file.
+
+Every download of the project (these files, the downstream tasks' files in ``dsets.glue``) follows one rule,
+:func:`offline`, and waits at most ``NETWORK_TIMEOUT_S`` seconds for the network.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from util import paths as ece_paths
+from util.errors import ECEError
 from util.io import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -45,9 +49,21 @@ DATA_URLS = {
 
 NETWORK_TIMEOUT_S = 5.0
 OFFLINE_ENV = "ECE_OFFLINE"
+# The Hugging Face switches count too: a machine marked offline for the hub is offline for every download.
+OFFLINE_ENVS = (OFFLINE_ENV, "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+TRUE_VALUES = ("1", "true", "yes", "on")
 
 
-class DataFileNotFoundError(FileNotFoundError):
+def offline_switch() -> Optional[str]:
+    """The environment variable that turns downloads off (``ECE_OFFLINE=1``, ...), or None."""
+    return next((name for name in OFFLINE_ENVS if os.environ.get(name, "").strip().lower() in TRUE_VALUES), None)
+
+
+class DataFormatError(ECEError, ValueError):
+    """A data file whose content is not what its loader expects; the message names the file."""
+
+
+class DataFileNotFoundError(ECEError, FileNotFoundError):
     """A data file that is in none of the data folders and could not be downloaded."""
 
     def __init__(self, message: str, filename: str, searched: Sequence[Path], url: Optional[str]):
@@ -102,13 +118,14 @@ def locate_data_file(
     return None
 
 
-def _host_resolves(host: str, timeout: float) -> bool:
-    """DNS lookup with a hard time limit (``getaddrinfo`` ignores socket timeouts)."""
+def host_reachable(host: str, timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """Whether a connection to ``host``:443 opens within ``timeout`` seconds, name lookup included (run in a
+    thread because ``getaddrinfo`` ignores socket timeouts)."""
     result = {}
 
     def lookup() -> None:
         try:
-            socket.getaddrinfo(host, 443)
+            socket.create_connection((host, 443), timeout=timeout).close()
             result["ok"] = True
         except OSError as e:
             result["error"] = e
@@ -124,8 +141,8 @@ def download_file(url: str, dest: Path, timeout: float = NETWORK_TIMEOUT_S) -> P
     from tqdm.auto import tqdm
 
     host = urllib.parse.urlparse(url).hostname or ""
-    if not _host_resolves(host, timeout):
-        raise OSError(f"cannot resolve host '{host}' (offline?)")
+    if not host_reachable(host, timeout):
+        raise OSError(f"cannot reach host '{host}' within {timeout:g} s (offline?)")
     LOG.info("downloading %s to %s", url, dest)
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
@@ -174,8 +191,8 @@ def find_data_file(
         problem = "No download URL is known for it."
     elif not download:
         problem = "It is not downloaded automatically."
-    elif os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes"):
-        problem = f"Downloading is disabled ({OFFLINE_ENV} is set)."
+    elif offline_switch() is not None:
+        problem = f"Downloading is disabled ({offline_switch()} is set)."
     else:
         dest = searched[0][0] / download_name
         try:

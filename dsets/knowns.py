@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-from dsets.data_files import find_data_file
+from dsets.data_files import DataFormatError, find_data_file
 
 LOG = logging.getLogger(__name__)
 
@@ -25,11 +25,11 @@ class KnownsDataset(Sequence):
         with open(self.path) as f:
             self.data = json.load(f)
         if not isinstance(self.data, list):
-            raise ValueError(f"{self.path}: expected a JSON list of records, got {type(self.data).__name__}")
+            raise DataFormatError(f"{self.path}: expected a JSON list of records, got {type(self.data).__name__}")
         for index, record in enumerate(self.data):
             missing = [k for k in KNOWNS_FIELDS if not isinstance(record, dict) or k not in record]
             if missing:
-                raise ValueError(f"{self.path}: record {index}: missing field(s) {', '.join(missing)}")
+                raise DataFormatError(f"{self.path}: record {index}: missing field(s) {', '.join(missing)}")
             if record["subject"] not in record["prompt"]:
                 raise ValueError(
                     f"{self.path}: record {index}: subject {record['subject']!r} not in prompt {record['prompt']!r}"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from dsets.counterfact import check_size, check_template
-from dsets.data_files import find_data_file
+from dsets.data_files import DataFormatError, find_data_file
 
 LOG = logging.getLogger(__name__)
 
@@ -91,12 +91,12 @@ class MENDQADataset(Sequence):
         with open(self.path) as f:
             raw = json.load(f)
         if not isinstance(raw, list):
-            raise ValueError(f"{self.path}: expected a JSON list of records, got {type(raw).__name__}")
+            raise DataFormatError(f"{self.path}: expected a JSON list of records, got {type(raw).__name__}")
         raw = raw[:size] if size is not None else raw
         try:
             self.data = [convert_zsre_record(r, i, edit_target) for i, r in enumerate(raw)]
         except ValueError as e:
-            raise ValueError(f"{self.path}: {e}") from None
+            raise DataFormatError(f"{self.path}: {e}") from None
         LOG.info("loaded %d zsRE records from %s", len(self.data), self.path)
 
     def __len__(self) -> int:

@@ -10,7 +10,8 @@ statistics, templates, explain, cluster, target values, update, and the evaluati
 seconds per round, edits per second, peak memory, target-value loops and tokens, and efficacy /
 generalization / specificity of all edited cases on the final model.
 
-An algorithm may carry hparams overrides, ``NAME:key=value:key=value`` (JSON values), e.g.
+An algorithm may carry hparams overrides, ``NAME:key=value:key=value`` (JSON values, parsed as
+``evaluate.py --hparams key=value`` is), e.g.
 ``MEMIT:z_prefix_cache=false`` for the published cost of MEMIT's target values. The "distance to the
 limit" columns compare the floating-point rate of the target-value stage with a plain large matrix
 multiplication on the same machine, measured in the same run.
@@ -18,7 +19,6 @@ multiplication on the same machine, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -26,19 +26,20 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.algorithms import get_algorithm  # noqa: E402
-from experiments.evaluate import (Evaluator, RunError, load_records, record_to_request, resolve_hparams_path,  # noqa: E402
-                                  run_script, set_seed)
 from editing.context import EditContext  # noqa: E402
 from editing.sequential import SequentialState  # noqa: E402
-from summarize import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
+from experiments.algorithms import get_algorithm  # noqa: E402
+from experiments.driver import (Evaluator, RunError, check_algorithm_name, load_hparams, load_records,  # noqa: E402
+                                parse_algorithm_spec, record_to_request, resolve_hparams_path, set_seed)
+from experiments.metrics import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
+from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
 from util.hooks import get_module  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
@@ -46,21 +47,6 @@ from util.models import default_device, load_model_and_tokenizer, parse_dtype  #
 LOG = logging.getLogger("benchmark")
 
 STAGES = ("statistics", "templates", "explain", "cluster", "target_values", "update")
-
-
-def parse_algorithm_spec(spec: str) -> Tuple[str, dict]:
-    """``NAME:key=value:...`` -> (NAME, overrides); values are JSON (``false``, ``10``, ``"x"``)."""
-    name, *pairs = spec.split(":")
-    overrides = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise RunError(f"bad algorithm spec {spec!r}: write NAME:key=value (got {pair!r})")
-        key, value = pair.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return name, overrides
 
 
 class PeakMemory:
@@ -136,9 +122,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
     name, overrides = parse_algorithm_spec(spec)
     algorithm = get_algorithm(name)
     hparams_path = resolve_hparams_path(algorithm, args.hparams_fname or f"{args.model_name}.json")
-    values = json.loads(Path(hparams_path).read_text())
-    values.update(overrides)
-    hparams = algorithm.hparams_class.from_dict(values, source=f"{hparams_path} with {overrides}")
+    hparams = load_hparams(algorithm, hparams_path, overrides)
     model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
     state = SequentialState(track_prev_moments=algorithm.keeps_prev_moments) if algorithm.uses_sequential_state else None
     seconds: Dict[str, float] = {}
@@ -207,17 +191,14 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algs", required=True, help="comma-separated, e.g. MEMIT,ECE_WI,MEMIT:z_prefix_cache=false")
-    parser.add_argument("--model_name", default="smollm2-135m")
     parser.add_argument("--hparams_fname", default=None, help="default <model_name>.json in each hparams/<ALG>/")
     parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
     parser.add_argument("--num_edits", type=int, default=100, help="edits per round")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file for the results")
-    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU)")
+    add_model_arguments(parser)
     parser.add_argument("--data_dir", default=None)
-    parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.num_edits < 1 or args.rounds < 1:
         parser.error("--num_edits and --rounds must be >= 1")
@@ -226,12 +207,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     args.device = args.device or default_device()
     specs = [s.strip() for s in args.algs.split(",") if s.strip()]
     for spec in specs:
-        get_algorithm(parse_algorithm_spec(spec)[0])  # fail before any work on a bad name
+        check_algorithm_name(parse_algorithm_spec(spec)[0])  # fail before any work on a bad name
     records = load_records(args.ds_name, args.data_dir, args.num_edits * args.rounds)
     if len(records) < args.num_edits * args.rounds:
         raise RunError(f"the dataset has {len(records)} records, fewer than {args.num_edits} x {args.rounds}")

@@ -10,8 +10,9 @@ Data: ``DATA_DIR/glue/<task>.json`` (a JSON list of example dicts), searched in 
 ``data_dir`` argument, ``ECE_DATA_DIR`` and ``DATA_DIR`` in ``globals.yml``, in that order. The in-context
 examples are the first examples of the file (balanced over the labels); the scored subset is the first
 ``n_examples`` of the remaining examples, in file order. A missing file is built from the Hugging Face
-``datasets`` copy when the machine is online, otherwise the evaluator fails at once with a message that
-names the file, the folders searched and the fix.
+``datasets`` copy when the machine is online (``dsets.glue``, with the offline rule and timeout of every
+download), otherwise the evaluator fails at once with a message that names the file, the folders searched
+and the fix.
 
 Results (:func:`write_downstream_result`) go to ``run_NNN/glue_eval/edits_<edit_count>.json``.
 """
@@ -20,25 +21,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from dsets.data_files import data_dir_candidates
+from dsets.glue import HFSource, load_examples
 from util.io import atomic_write_json
 from util.scoring import continuation_scores
 
 LOG = logging.getLogger(__name__)
 
-GLUE_SUBDIR = "glue"
 METRICS = ("accuracy", "f1", "mcc")
-OFFLINE_ENVS = ("ECE_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-HF_HOST = "huggingface.co"
-NETWORK_TIMEOUT_S = 3.0
-MAX_BUILT_EXAMPLES = 2000
 
 Example = Mapping[str, object]
 PromptBuilder = Union[str, Callable[[Example], str]]
@@ -63,20 +57,6 @@ def field_label(field: str = "label", values: Optional[Sequence] = None) -> Call
 
     read.__name__ = f"field_label_{field}"
     return read
-
-
-@dataclass(frozen=True)
-class HFSource:
-    """Where a missing task file can be rebuilt from: ``datasets.load_dataset(path, config, split=split)``,
-    each row turned into a file record by ``convert`` (default: the row unchanged)."""
-
-    path: str
-    config: Optional[str]
-    split: str
-    convert: Optional[Callable[[dict], dict]] = None
-
-    def describe(self) -> str:
-        return f"{self.path}/{self.config} ({self.split})" if self.config else f"{self.path} ({self.split})"
 
 
 @dataclass(frozen=True)
@@ -248,87 +228,6 @@ def task_metrics(spec: TaskSpec, predictions: Sequence[int], labels: Sequence[in
 
 
 # --------------------------------------------------------------------------- data
-
-
-class DownstreamDataNotFoundError(FileNotFoundError):
-    """A task file that is in none of the data folders and could not be built."""
-
-
-def _is_online(timeout: float = NETWORK_TIMEOUT_S) -> bool:
-    """Whether a connection to the Hugging Face hub opens within ``timeout`` seconds (and no offline switch
-    such as ``ECE_OFFLINE=1`` is set)."""
-    if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENVS):
-        return False
-    result: Dict[str, bool] = {}
-
-    def lookup() -> None:
-        try:
-            socket.create_connection((HF_HOST, 443), timeout=timeout).close()
-            result["ok"] = True
-        except OSError:
-            result["ok"] = False
-
-    thread = threading.Thread(target=lookup, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result.get("ok"))
-
-
-def _build_from_hf(spec: TaskSpec, dest: Path) -> None:
-    import datasets  # optional dependency, only for building a missing file
-
-    source = spec.hf_source
-    LOG.info("building %s from Hugging Face datasets %s", dest, source.describe())
-    rows = datasets.load_dataset(source.path, source.config, split=source.split).shuffle(seed=0)
-    rows = rows.select(range(min(len(rows), MAX_BUILT_EXAMPLES)))
-    convert = source.convert or dict
-    atomic_write_json(dest, [convert(dict(row)) for row in rows])
-
-
-def task_file(spec: TaskSpec, data_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """The task's data file: found in the data folders, or built from Hugging Face ``datasets`` into the
-    first folder when the machine is online."""
-    candidates = data_dir_candidates(data_dir)
-    for folder, _ in candidates:
-        path = folder / GLUE_SUBDIR / spec.data_file
-        if path.is_file():
-            return path
-    dest = candidates[0][0] / GLUE_SUBDIR / spec.data_file
-    searched = ", ".join(f"{folder / GLUE_SUBDIR} ({origin})" for folder, origin in candidates)
-    fix = (f"copy {spec.data_file} into {dest.parent}, or pass data_dir / set ECE_DATA_DIR to a folder whose "
-           f"{GLUE_SUBDIR}/ holds it")
-    problem = None
-    if spec.hf_source is None:
-        problem = "the task has no Hugging Face source to build it from"
-    elif not _is_online():
-        problem = f"the machine is offline, so it cannot be built from Hugging Face datasets " \
-                  f"{spec.hf_source.describe()}"
-    else:
-        try:
-            _build_from_hf(spec, dest)
-            return dest
-        except ImportError:
-            problem = "the 'datasets' package is not installed (pip install datasets), so it cannot be built"
-        except Exception as exc:  # network errors, renamed datasets, ...
-            problem = f"building it from Hugging Face datasets {spec.hf_source.describe()} failed: " \
-                      f"{type(exc).__name__}: {exc}"
-    if spec.hf_source is not None:
-        fix += f", or run once online with the 'datasets' package to build it from {spec.hf_source.describe()}"
-    raise DownstreamDataNotFoundError(
-        f"downstream task '{spec.name}': data file {GLUE_SUBDIR}/{spec.data_file} not found; searched "
-        f"{searched}; {problem}. Fix: {fix}."
-    )
-
-
-def load_examples(spec: TaskSpec, data_dir: Optional[Union[str, os.PathLike]] = None) -> List[dict]:
-    import json
-
-    path = task_file(spec, data_dir)
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-        raise ValueError(f"{path}: expected a JSON list of example objects")
-    return data
 
 
 def split_examples(spec: TaskSpec, examples: Sequence[dict], n_examples: int) -> Tuple[List[dict], List[dict]]:

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.evaluate import RunError, run_script  # noqa: E402
 from editing.layer_stats import load_corpus_text, text_chunks  # noqa: E402
+from experiments.driver import RunError  # noqa: E402
+from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
 from util.hooks import TraceDict  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import load_model_and_tokenizer, model_device  # noqa: E402
@@ -117,21 +118,19 @@ def print_table(rows: List[dict]) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default="smollm2-135m")
     parser.add_argument("--run_dirs", nargs="+", required=True, help="folders of finished sequential runs")
     parser.add_argument("--n_samples", type=int, default=64, help="WikiText chunks after the statistics' ones")
     parser.add_argument("--sample_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", default=None, help="JSON file for the results")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    add_model_arguments(parser)
     parser.add_argument("--data_dir", default=None)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(args.verbose)
     runs = [(Path(d), *load_run(Path(d))) for d in args.run_dirs]  # fail before loading the model
     for run_dir, params, _ in runs:
         if params.get("model_name") != args.model_name:

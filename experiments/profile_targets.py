@@ -16,8 +16,6 @@ each batch size, and how much of the stage is not matrix products at all.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 import time
@@ -30,12 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from baselines.memit import MEMITHyperParams  # noqa: E402
-from experiments.benchmark import matmul_rate  # noqa: E402
-from experiments.evaluate import RunError, load_records, record_to_request, resolve_hparams_path, run_script  # noqa: E402
-from experiments.algorithms import get_algorithm  # noqa: E402
 from editing.context import EditContext  # noqa: E402
 from editing.target_values import compute_target_values  # noqa: E402
+from experiments.algorithms import get_algorithm  # noqa: E402
+from experiments.benchmark import matmul_rate  # noqa: E402
+from experiments.driver import RunError, load_hparams, load_records, record_to_request, resolve_hparams_path  # noqa: E402
+from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
 
@@ -120,15 +118,13 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name", default="smollm2-135m")
     parser.add_argument("--hparams_fname", default=None, help="MEMIT hparams (default <model_name>.json)")
     parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
     parser.add_argument("--num_edits", type=int, default=20)
     parser.add_argument("--per_fact_sample", type=int, default=4, help="facts profiled in one loop each")
     parser.add_argument("--steps", type=int, default=5, help="optimisation steps per loop (early stopping off)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    add_model_arguments(parser)
     parser.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
     if min(args.num_edits, args.steps, args.per_fact_sample) < 1:
@@ -138,15 +134,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(args.verbose)
     args.device = args.device or default_device()
     if args.device.startswith("cuda"):
         raise RunError("the category breakdown reads CPU operator time; run it with --device cpu")
-    path = resolve_hparams_path(get_algorithm("MEMIT"), args.hparams_fname or f"{args.model_name}.json")
-    values = json.loads(Path(path).read_text())
+    memit = get_algorithm("MEMIT")
+    path = resolve_hparams_path(memit, args.hparams_fname or f"{args.model_name}.json")
     # Fixed work: every request runs every step (a stopping loss of 0 is never reached).
-    values.update(v_num_grad_steps=args.steps, v_stop_loss=0.0)
-    hparams = MEMITHyperParams.from_dict(values, source=str(path))
+    hparams = load_hparams(memit, path, {"v_num_grad_steps": args.steps, "v_stop_loss": 0.0})
     model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
     requests = [record_to_request(r) for r in load_records(args.ds_name, args.data_dir, args.num_edits)]
     templates = EditContext(args.model_name, data_dir=args.data_dir).context_templates(

@@ -13,9 +13,12 @@ import types
 import pytest
 import torch
 
+import dsets.glue as glue
 import experiments.downstream as ds
+from dsets.data_files import OFFLINE_ENVS
+from dsets.glue import DownstreamDataNotFoundError
 from experiments.downstream import (
-    DOWNSTREAM_TASKS, DownstreamDataNotFoundError, TaskSpec, accuracy, evaluate_downstream, f1_score,
+    DOWNSTREAM_TASKS, TaskSpec, accuracy, evaluate_downstream, f1_score,
     field_label, matthews_corrcoef, split_examples, write_downstream_result,
 )
 from util.scoring import ContinuationScore, continuation_scores
@@ -189,7 +192,7 @@ def test_task_specs_on_real_data(data_dir):
     assert DOWNSTREAM_TASKS["cola"].metrics == ("accuracy", "mcc")
     assert DOWNSTREAM_TASKS["mmlu"].label_words == (" A", " B", " C", " D")
     for name, spec in DOWNSTREAM_TASKS.items():
-        examples = ds.load_examples(spec, data_dir)
+        examples = glue.load_examples(spec, data_dir)
         shots, scored = split_examples(spec, examples, 100)
         assert len(scored) == 100 and len(shots) == spec.n_shots
         assert not any(s is e for s in shots for e in scored)
@@ -197,7 +200,7 @@ def test_task_specs_on_real_data(data_dir):
         # every label occurs in the subset (a wrong label mapping would raise above or collapse here)
         assert set(labels) == set(range(len(spec.label_words))), name
         assert all(isinstance(spec.build_prompt(ex, shots), str) for ex in scored[:3])
-    nli = ds.load_examples(DOWNSTREAM_TASKS["nli"], data_dir)
+    nli = glue.load_examples(DOWNSTREAM_TASKS["nli"], data_dir)
     assert [DOWNSTREAM_TASKS["nli"].label_index(ex) for ex in nli[:4]] == [
         ("entailment", "not_entailment").index(ex["label"]) for ex in nli[:4]]
     mmlu = {"question": "2 + 2 = ?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "22"],
@@ -230,7 +233,7 @@ def test_file_found_in_later_folder_and_built_when_online(tmp_path, monkeypatch)
     (env_dir / "glue" / "rte.json").write_text("[]")
     monkeypatch.setenv("ECE_DATA_DIR", str(env_dir))
     monkeypatch.setattr("util.paths._read_globals", lambda: {"DATA_DIR": str(tmp_path / "globals")})
-    assert ds.task_file(DOWNSTREAM_TASKS["rte"], arg_dir) == env_dir.resolve() / "glue" / "rte.json"
+    assert glue.task_file(DOWNSTREAM_TASKS["rte"], arg_dir) == env_dir.resolve() / "glue" / "rte.json"
 
     rows = [{"idx": i, "sentence1": f"a{i}", "sentence2": f"b{i}", "label": i % 2} for i in range(5)]
 
@@ -254,8 +257,10 @@ def test_file_found_in_later_folder_and_built_when_online(tmp_path, monkeypatch)
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda path, config, split: requested.append((path, config, split)) or FakeDataset(rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr(ds, "_is_online", lambda timeout=3.0: True)
-    path = ds.task_file(DOWNSTREAM_TASKS["nli"], arg_dir)
+    for name in OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(glue, "hub_reachable", lambda: True)
+    path = glue.task_file(DOWNSTREAM_TASKS["nli"], arg_dir)
     assert path == arg_dir.resolve() / "glue" / "nli.json"            # built into the first folder
     assert requested == [("glue", "rte", "train")]
     built = json.loads(path.read_text())
@@ -293,6 +298,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_sst2_above_chance_on_embedded_model(embedded_model_and_tok, data_dir, one_thread):
     model, tok = embedded_model_and_tok
     result = evaluate_downstream(model, tok, tasks=["sst2"], n_examples=SST2_TEST_EXAMPLES, data_dir=data_dir)

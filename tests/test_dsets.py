@@ -28,7 +28,8 @@ def folders(tmp_path, monkeypatch):
         folder.mkdir()
     monkeypatch.setenv("ECE_DATA_DIR", str(env))
     monkeypatch.setattr(data_files, "_globals_data_dir", lambda: glob)
-    monkeypatch.delenv(data_files.OFFLINE_ENV, raising=False)
+    for name in data_files.OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
     return arg, env, glob
 
 
@@ -128,7 +129,7 @@ def test_download_writes_atomically_into_first_folder(folders, monkeypatch):
     class FakeResponse(io.BytesIO):
         headers = {"Content-Length": str(len(payload))}
 
-    monkeypatch.setattr(data_files, "_host_resolves", lambda host, timeout: True)
+    monkeypatch.setattr(data_files, "host_reachable", lambda host, timeout: True)
     monkeypatch.setattr(data_files.urllib.request, "urlopen", lambda url, timeout: FakeResponse(payload))
     path = find_data_file("known_1000.json", arg)
     assert path == arg / "known_1000.json"
@@ -137,11 +138,43 @@ def test_download_writes_atomically_into_first_folder(folders, monkeypatch):
     assert not (env / "known_1000.json").exists()
 
 
-def test_dns_lookup_is_bounded_in_time(monkeypatch):
-    monkeypatch.setattr(data_files.socket, "getaddrinfo", lambda *a: time.sleep(3))
+def test_connection_check_is_bounded_in_time(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(3)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(data_files.socket, "create_connection", hang)
     start = time.time()
-    assert data_files._host_resolves("rome.baulab.info", timeout=0.2) is False
+    assert data_files.host_reachable("rome.baulab.info", timeout=0.2) is False
     assert time.time() - start < 1.5
+
+
+@pytest.mark.parametrize("switch", ["ECE_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_one_offline_rule_for_every_download(folders, monkeypatch, switch):
+    """The data files and the downstream tasks' files obey the same switches and wait the same time."""
+    from dsets import glue
+    from experiments.downstream import DOWNSTREAM_TASKS
+
+    arg, _, _ = folders
+    attempts = []
+    monkeypatch.setattr(data_files, "host_reachable", lambda *a, **k: attempts.append(a) or True)
+    monkeypatch.setenv(switch, "true")
+    with pytest.raises(DataFileNotFoundError, match=f"Downloading is disabled \\({switch} is set\\)"):
+        find_data_file("known_1000.json", arg)
+    with pytest.raises(glue.DownstreamDataNotFoundError, match=f"offline \\({switch} is set\\)"):
+        glue.task_file(DOWNSTREAM_TASKS["sst2"], arg)
+    assert attempts == []  # no connection tried
+    assert glue.NETWORK_TIMEOUT_S is data_files.NETWORK_TIMEOUT_S
+
+
+def test_malformed_data_file_is_a_project_error(folders):
+    from util.errors import ECEError
+
+    arg, _, _ = folders
+    _write(arg, "known_1000.json", {"not": "a list"})
+    with pytest.raises(data_files.DataFormatError, match="known_1000.json: expected a JSON list") as info:
+        KnownsDataset(arg)
+    assert isinstance(info.value, ECEError) and isinstance(info.value, ValueError)
 
 
 # ---------------------------------------------------------------- CounterFact

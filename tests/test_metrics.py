@@ -386,7 +386,8 @@ def test_substitute_consistency_scored_labelled_and_summarised(tiny_gpt2, tiny_t
 
     data = _substitute_data(tmp_path / "data", monkeypatch)
     monkeypatch.setenv("ECE_STATS_DIR", str(tmp_path / "stats"))
-    from experiments.evaluate import Evaluator, parse_args
+    from experiments.driver import Evaluator
+    from experiments.evaluate import parse_args
 
     evaluator = Evaluator("mcf", data, skip_generation=False, interval=1, batch_size=32, seed=3)
     record = SUBSTITUTE_RECORDS[1]
@@ -428,6 +429,7 @@ def test_no_substitute_without_its_inputs(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- embedded model, real records
 
+@pytest.mark.slow
 def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_tok, data_dir):
     model, tok = embedded_model_and_tok
     records = CounterFactDataset(data_dir, size=10)

@@ -333,7 +333,7 @@ def test_edit_drift_is_exact_on_constructed_edits(request, arch, tmp_path, make_
     """No edit: no change and the same perplexity. W -> (1 + eps) W: every key's output moves by exactly eps.
     A change orthogonal to every key moves nothing, although the weights changed."""
     from experiments.edit_drift import edit_drift, load_run
-    from experiments.evaluate import RunError
+    from experiments.driver import RunError
     from util.hooks import TraceDict
     from util.weights import load_weights, weight_parameter
 

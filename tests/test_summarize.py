@@ -456,7 +456,7 @@ def test_mixed_protocols_in_one_run_are_not_averaged(tmp_path: Path, caplog):
     write_case(run, 0, [0], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 6.0, 0.2))
     write_case(run, 1, [1], 1.0, post=gen_stage(GREEDY_PROTOCOL, 2.0, 0.4))
     write_case(run, 2, [2], 1.0, post=gen_stage(PUBLISHED_PROTOCOL, 5.0, 0.1))
-    with caplog.at_level("WARNING", logger="summarize"):
+    with caplog.at_level("WARNING", logger="experiments.metrics"):
         (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
     post = res["stages"]["post"]
     assert post["fluency"] is None and post["consistency"] is None
@@ -502,3 +502,21 @@ def test_consistency_header_is_never_bare(cf_results: Path):
     assert _consistency_header(text).startswith("Consistency (unavailable)")
     assert res["stages"]["post"]["generation_protocol"] == {"name": "not recorded"}  # files written before
     assert "not recorded: the case files do not say how their texts were generated" in text
+
+
+def test_metrics_live_in_one_module_shared_with_the_benchmark():
+    from experiments import benchmark, metrics
+
+    for name in ("counterfact_case_metrics", "zsre_case_metrics", "summarize_stage", "detect_dataset"):
+        assert getattr(sm, name) is getattr(metrics, name)
+    assert benchmark.summarize_stage is metrics.summarize_stage
+    assert benchmark.counterfact_case_metrics is metrics.counterfact_case_metrics
+    stage = metrics.summarize_stage([{"efficacy": 1.0, "generalization": 0.5, "specificity": 1.0}], metrics.ZSRE,
+                                    "post")
+    assert stage["score"] == pytest.approx(metrics.harmonic_mean([100.0, 50.0, 100.0]))
+
+
+def test_cli_verbose_prints_the_traceback(tmp_path: Path, capsys):
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={tmp_path}", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "SummarizeError" in err

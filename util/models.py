@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from util.errors import ECEError, SettingError
 from util.paths import get_paths
 
 LOG = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ EMBEDDED_MODELS = {
 }
 
 
-class ModelNotFoundError(ValueError):
-    pass
+class ModelNotFoundError(ECEError, ValueError):
+    """A model name that is neither embedded, a local folder nor a hub id that can be fetched."""
 
 
 def default_device() -> str:
@@ -73,7 +74,7 @@ def parse_dtype(dtype: Optional[str], device: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in names:
-        raise ValueError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(names))}")
+        raise SettingError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(names))}")
     return names[dtype]
 
 

@@ -1,0 +1,219 @@
+"""The driver's library: records and requests, hyperparameters with overrides, run folders and their resume
+check, case files, the per-case evaluator, the sequential state on disk and the downstream schedule.
+
+``experiments/evaluate.py`` is the script built on it; ``benchmark.py``, ``edit_drift.py`` and
+``profile_targets.py`` use the same pieces.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from editing.sequential import SequentialState
+from experiments.algorithms import Algorithm, algorithm_names
+from util.errors import ECEError
+from util.hparams import HParamsError, HyperParams, parse_overrides, read_hparams_file
+from util.io import atomic_torch_save, atomic_write_json
+from util.paths import get_paths
+from util.weights import snapshot_weights
+
+LOG = logging.getLogger(__name__)
+
+STAGE_LABELS = {
+    "pre": "unedited model",
+    "post": "model right after the round that edited the case",
+    "final": "model after the last round (sequential runs only)",
+}
+# Settings a resumed run must share with the run it continues: a different seed changes the context
+# templates half-way, newly enabled downstream checks would measure an "unedited" baseline on edited weights,
+# and ``hparams`` holds the effective values (the file with the ``--hparams`` overrides applied).
+RUN_KEYS = ("alg_name", "model_name", "ds_name", "dataset_size_limit", "num_edits", "sequential", "hparams",
+            "generation_protocol", "seed", "downstream_eval_steps")
+# What a run folder written before a setting existed ran with.
+RUN_KEY_DEFAULTS = {"generation_protocol": "greedy"}
+
+
+class RunError(ECEError, RuntimeError):
+    """A run that cannot start or resume as asked; the message says why and what to do."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_algorithm_name(name: str) -> None:
+    """:class:`RunError` listing the registered names when ``name`` is not one of them."""
+    if name not in algorithm_names():
+        raise RunError(f"unknown algorithm '{name}'. Available: {', '.join(algorithm_names())}.")
+
+
+def resolve_hparams_path(algorithm: Algorithm, fname: str) -> Path:
+    candidates = [get_paths().hparams_dir / algorithm.hparams_dir_name / fname, Path(fname)]
+    for path in candidates:
+        if path.is_file():
+            return path
+    folder = candidates[0].parent
+    available = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+    raise HParamsError(
+        f"hyperparameter file '{fname}' not found (looked in {folder} and as a path). "
+        f"Available for {algorithm.name}: {available or 'none'}."
+    )
+
+
+def parse_algorithm_spec(spec: str) -> tuple:
+    """``NAME:key=value:...`` -> (NAME, overrides), the benchmark's way to give one algorithm overrides."""
+    name, *pairs = spec.split(":")
+    return name, parse_overrides(pairs)
+
+
+def load_hparams(algorithm: Algorithm, path: Path, overrides: Optional[dict] = None) -> HyperParams:
+    """The hyperparameters of ``path`` with ``overrides`` applied, validated by the method's dataclass (a
+    bad key or value raises :class:`HParamsError` naming it)."""
+    return algorithm.hparams_class.from_json(path, overrides)
+
+
+def effective_hparams_file(path: Path, overrides: Optional[dict]) -> dict:
+    """The hyperparameter file's values with the overrides applied: what a run folder's hparams.json holds."""
+    return {**read_hparams_file(path), **(overrides or {})}
+
+
+def load_records(ds_name: str, data_dir: Optional[str], limit: Optional[int]):
+    from dsets import CounterFactDataset, MENDQADataset
+
+    if ds_name in ("mcf", "cf"):
+        return list(CounterFactDataset(data_dir, multi=ds_name == "mcf", size=limit))
+    if ds_name == "zsre":
+        return list(MENDQADataset(data_dir, size=limit))
+    raise RunError(f"unknown dataset '{ds_name}'; use mcf, cf or zsre")
+
+
+def record_to_request(record: dict) -> dict:
+    rewrite = record["requested_rewrite"]
+    if rewrite["prompt"].count("{}") != 1:
+        raise RunError(f"case {record['case_id']}: prompt {rewrite['prompt']!r} must contain '{{}}' for the subject once")
+    return {"case_id": record["case_id"], **rewrite}
+
+
+def case_path(run_dir: Path, num_edits: int, case_id) -> Path:
+    return run_dir / f"{num_edits}_edits-case_{case_id}.json"
+
+
+def explanation_path(run_dir: Path, round_index: int) -> Path:
+    return run_dir / f"explanation_round_{round_index:03d}.json"
+
+
+def new_run_dir(alg_dir: Path) -> Path:
+    alg_dir.mkdir(parents=True, exist_ok=True)
+    ids = [int(p.name.split("_")[-1]) for p in alg_dir.glob("run_*") if p.name.split("_")[-1].isdigit()]
+    run_dir = alg_dir / f"run_{(max(ids) + 1 if ids else 0):03d}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def _difference(key: str, saved, now) -> str:
+    if isinstance(saved, dict) and isinstance(now, dict):  # name only the hyperparameters that differ
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        return "; ".join(f"{key}.{k}: run has {saved.get(k)!r}, now {now.get(k)!r}" for k in keys)
+    return f"{key}: run has {saved!r}, now {now!r}"
+
+
+def continue_run_dir(alg_dir: Path, run_name: str, run_params: dict) -> Path:
+    """The run folder to resume; :class:`RunError` when it does not exist or ran with other settings."""
+    run_dir = alg_dir / run_name
+    params_file = run_dir / "params.json"
+    if not params_file.exists():
+        existing = sorted(p.name for p in alg_dir.glob("run_*")) if alg_dir.exists() else []
+        raise RunError(f"cannot continue: {params_file} does not exist. Runs of {alg_dir.name}: {existing or 'none'}")
+    saved = json.loads(params_file.read_text())
+    saved_value = lambda k: saved.get(k, RUN_KEY_DEFAULTS.get(k))
+    differences = [k for k in RUN_KEYS if saved_value(k) != run_params.get(k)]
+    if differences:
+        detail = "; ".join(_difference(k, saved_value(k), run_params.get(k)) for k in differences)
+        raise RunError(f"cannot continue {run_dir}: settings differ ({detail}). Start a new run instead.")
+    LOG.info("continuing %s", run_dir)
+    return run_dir
+
+
+def start_run_dir(alg_dir: Path, run_params: dict, hparams_file: dict) -> Path:
+    """A new ``run_NNN`` folder with params.json and hparams.json (the effective hyperparameters)."""
+    run_dir = new_run_dir(alg_dir)
+    atomic_write_json(run_dir / "params.json", run_params, indent=2)
+    atomic_write_json(run_dir / "hparams.json", hparams_file, indent=2)
+    LOG.info("results in %s", run_dir)
+    return run_dir
+
+
+class Evaluator:
+    """Per-case metrics of one dataset, with the generation tests every ``interval`` cases.
+
+    ``generation_protocol`` ("published": MEMIT's top-k 5 sampling of 100 tokens, seeded from ``seed`` and the
+    case id; or "greedy") and the consistency source (published files or the labelled substitute) are
+    recorded in every case's generation metrics.
+    """
+
+    def __init__(self, ds_name: str, data_dir, skip_generation: bool, interval: int, batch_size: int,
+                 generation_protocol: str = "published", seed: int = 0):
+        from dsets import ConsistencyResources
+        from experiments.eval_counterfact import GenerationProtocol
+
+        self.ds_name, self.skip_generation, self.interval, self.batch_size = ds_name, skip_generation, interval, batch_size
+        self.generation = GenerationProtocol(generation_protocol, seed=seed)
+        self.consistency = ConsistencyResources(None, None, None)
+        if ds_name in ("mcf", "cf") and not skip_generation:
+            from dsets import consistency_resources
+
+            self.consistency = consistency_resources(data_dir)
+
+    def __call__(self, model, tok, record) -> dict:
+        if self.ds_name == "zsre":
+            from experiments.eval_zsre import compute_rewrite_quality_zsre
+
+            return compute_rewrite_quality_zsre(model, tok, record)
+        from experiments.eval_counterfact import compute_rewrite_quality_counterfact
+
+        skip = self.skip_generation or (record["case_id"] % self.interval != 0)
+        return compute_rewrite_quality_counterfact(
+            model, tok, record, self.consistency.snippets, self.consistency.vectors, skip_generation=skip,
+            generation_protocol=self.generation, consistency_source=self.consistency.source,
+            consistency_unavailable=self.consistency.unavailable_reason, batch_size=self.batch_size,
+        )
+
+
+def save_sequential_state(path: Path, model, edited_modules: List[str], state: Optional[SequentialState],
+                          rounds_done: int) -> None:
+    """What a resumed sequential run restores: the edited weights, the method's state, the rounds done."""
+    atomic_torch_save(path, {
+        "weights": snapshot_weights(model, edited_modules),
+        "state": state.state_dict() if state is not None else None,
+        "rounds_done": rounds_done,
+    })
+
+
+def state_edits(rounds: Sequence[Sequence[int]], round_index: int) -> int:
+    """Edits applied after rounds ``0..round_index`` of a sequential run."""
+    return sum(len(r) for r in rounds[: round_index + 1])
+
+
+class DownstreamSchedule:
+    """Downstream checks before the first round and after every ``steps`` rounds (0: never)."""
+
+    def __init__(self, steps: int, run_dir: Path, n_examples: int, data_dir=None):
+        self.steps, self.run_dir, self.n_examples, self.data_dir = steps, run_dir, n_examples, data_dir
+
+    def maybe_run(self, model, tok, rounds_done: int, edit_count: int) -> None:
+        if self.steps <= 0 or rounds_done % self.steps != 0:
+            return
+        from experiments.downstream import downstream_result_path, evaluate_downstream, write_downstream_result
+
+        if downstream_result_path(self.run_dir, edit_count).exists():
+            return
+        result = evaluate_downstream(model, tok, n_examples=self.n_examples, data_dir=self.data_dir)
+        write_downstream_result(self.run_dir, edit_count, result, rounds_done)
