@@ -181,7 +181,8 @@ class ECERound:
 
     def refine(self, values: TargetValues, solve: Solver, template_groups) -> None:
         """Re-run the layer loop for the requests whose remaining error lies in (alpha, upper_bound), with
-        the sets of the main pass, up to ``max_iterations`` passes in all."""
+        the sets of the main pass, up to ``max_iterations`` passes in all; keeps the target values and the
+        remaining errors for the explanation."""
         model, tok, requests, hparams = self.model, self.tok, self.requests, self.hparams
         self.values = values
         errors = remaining_errors(model, tok, requests, hparams, values.targets)
