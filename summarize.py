@@ -6,7 +6,7 @@ Usage::
 
 Without ``--runs`` every ``run_NNN`` folder under ``<results_dir>/<dir_name>/`` is summarised.
 
-What is computed (DESIGN.md section 7; the per-case metrics and their aggregation live in
+What is computed (docs/DESIGN.md section 7; the per-case metrics and their aggregation live in
 ``experiments/metrics.py``, shared with the benchmark), separately for each evaluation stage of a case file:
 ``pre`` (unedited model), ``post`` (right after the case's editing round) and ``final`` (on the model after
 the last round of a sequential run).

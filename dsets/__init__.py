@@ -1,4 +1,4 @@
-"""Datasets in MEMIT's formats and the lookup of their files (see DESIGN.md section 6)."""
+"""Datasets in MEMIT's formats and the lookup of their files (see docs/DESIGN.md section 6)."""
 from dsets.attr_snippets import (
     PUBLISHED_SOURCE,
     SUBSTITUTE_SOURCE,

@@ -1,6 +1,6 @@
 """Finding data files: the user's folder, the environment, globals.yml, and (when online) the web.
 
-Search order for every file (DESIGN.md section 6):
+Search order for every file (docs/DESIGN.md section 6):
 
 1. the ``data_dir`` argument (the CLI's ``--data_dir``; relative paths are taken from the current directory),
 2. the ``ECE_DATA_DIR`` environment variable,

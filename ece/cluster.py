@@ -1,4 +1,4 @@
-"""Cluster: group the requests whose selected neuron sets overlap (DESIGN.md section 5, ECE step 2).
+"""Cluster: group the requests whose selected neuron sets overlap (docs/DESIGN.md section 5.7, step 2).
 
 The affinity of two requests is the Jaccard similarity of their selected neuron sets at the first
 edited layer; spectral clustering (scikit-learn, precomputed affinity) groups them. The number of

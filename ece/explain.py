@@ -1,4 +1,4 @@
-"""Explain: which neurons of each edited layer hold a fact (DESIGN.md section 5, ECE step 1).
+"""Explain: which neurons of each edited layer hold a fact (docs/DESIGN.md section 5.7, step 1).
 
 A neuron is an input dimension of the rewrite module (the MLP down-projection), i.e. one column of
 ``W : d_ff -> d_model``. Four scores, each ``[n_requests, d_ff]`` per layer:

@@ -17,7 +17,7 @@ class LocateEditHyperParams(HyperParams):
     rewrite_module_tmp: str  # MLP down-projection, e.g. "model.layers.{}.mlp.down_proj"
     layer_module_tmp: str  # decoder layer, e.g. "model.layers.{}"
     ln_f_module: str  # final norm before the unembedding, e.g. "model.norm"
-    # Target values (section 4 of DESIGN.md).
+    # Target values (docs/DESIGN.md section 4.4).
     v_num_grad_steps: int
     v_lr: float
     v_loss_layer: int

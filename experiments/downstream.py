@@ -1,4 +1,4 @@
-"""Downstream general capability (DESIGN.md section 7): SST-2, MRPC, CoLA, RTE, MMLU and NLI.
+"""Downstream general capability (docs/DESIGN.md section 7): SST-2, MRPC, CoLA, RTE, MMLU and NLI.
 
 One generic evaluator driven by per-task :class:`TaskSpec` objects. For every example the prompt is built
 from the task's template (after an optional instruction and a few fixed in-context examples), each label

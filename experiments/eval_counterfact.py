@@ -1,4 +1,4 @@
-"""CounterFact metrics of one record, in MEMIT's result format (DESIGN.md section 7).
+"""CounterFact metrics of one record, in MEMIT's result format (docs/DESIGN.md section 7).
 
 ``compute_rewrite_quality_counterfact`` returns::
 

@@ -1,4 +1,4 @@
-"""zsRE metrics of one record, in MEMIT's result format (DESIGN.md section 7).
+"""zsRE metrics of one record, in MEMIT's result format (docs/DESIGN.md section 7).
 
 ``compute_rewrite_quality_zsre`` returns, per prompt, the list of per-token top-1 correctness under teacher
 forcing::
