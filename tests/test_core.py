@@ -8,6 +8,7 @@ from editing.keys import fact_token_index, states_at_fact_tokens
 from util.hooks import Trace, TraceDict
 from util.hparams import HParamsError
 from util.models import ModelNotFoundError, load_model_and_tokenizer, parse_dtype
+from util.paths import REPO_ROOT
 from util.tokens import leading_special_ids, pad_batch
 from util.weights import add_to_weight, read_weight, snapshot_weights, temporarily_loaded
 
@@ -94,7 +95,7 @@ def test_pad_batch_sides(tiny_tok):
 def test_hparams_errors_name_file_and_key(tmp_path):
     from baselines.memit import MEMITHyperParams
 
-    good = json.loads(open("hparams/MEMIT/smollm2-135m.json").read())
+    good = json.loads((REPO_ROOT / "hparams" / "MEMIT" / "smollm2-135m.json").read_text())
     MEMITHyperParams.from_dict(good)
     cases = [
         ({**good, "layerz": [1]}, "unknown key.*layerz"),
@@ -128,9 +129,14 @@ def test_trace_dict_stops_after_the_module_that_finishes_last(tiny_gpt2, tiny_to
     ids = torch.tensor([tiny_tok("The tower is in Paris")["input_ids"]])
     # The block contains the projection, so the block finishes last although it is listed first.
     names = ["transformer.h.2", "transformer.h.2.mlp.c_proj"]
+    with TraceDict(tiny_gpt2, names, retain_input=True) as full:
+        tiny_gpt2(input_ids=ids)
     with TraceDict(tiny_gpt2, names, retain_input=True, stop=True) as traces:
         tiny_gpt2(input_ids=ids)
-    assert traces["transformer.h.2"].output is not None and traces["transformer.h.2.mlp.c_proj"].input is not None
+    # Both modules ran to the end: what they recorded is what a full forward pass records.
+    assert torch.equal(traces[names[0]].output, full[names[0]].output)
+    assert torch.equal(traces[names[1]].input, full[names[1]].input)
+    assert torch.equal(traces[names[1]].output, full[names[1]].output)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])

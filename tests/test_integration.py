@@ -1,15 +1,20 @@
-"""End to end on the embedded model (SmolLM2-135M) with real CounterFact records."""
+"""The driver and the editing methods end to end, with real CounterFact records.
+
+The driver's bookkeeping (which model state each stage measures, resuming an interrupted run, the last-round
+step, the downstream schedule) is checked on the tiny Llama with a stand-in edit, in seconds. The methods
+run on the embedded model (SmolLM2-135M); those tests are marked ``slow``."""
+import copy
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import summarize
 from experiments import evaluate
+from util.paths import REPO_ROOT
 
-SHIPPED = Path(__file__).resolve().parent.parent / "hparams"
+SHIPPED = REPO_ROOT / "hparams"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,209 @@ def cases(run_dir):
     return {p.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("*_edits-case_*.json"))}
 
 
+# -- The driver's bookkeeping, on the tiny Llama with a stand-in edit ------------------------------------
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch, data_dir, tiny_llama, tiny_tok, make_hparams):
+    """``tiny_run(*argv)``: a sequential MEMIT run of the driver on real CounterFact records, loading a fresh
+    copy of the tiny Llama each time (as a new process loads the unedited model), with MEMIT hparams for its
+    layers 1 and 2. Pair it with ``StandIn``, so that no statistics or target values are computed."""
+    monkeypatch.setenv("ECE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("ECE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("ECE_STATS_DIR", str(tmp_path / "stats"))
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a, **k: (copy.deepcopy(tiny_llama), tiny_tok))
+    hparams_file = tmp_path / "tiny_memit.json"
+    hparams_file.write_text(json.dumps(make_hparams("llama").to_dict()))
+
+    def run_tiny(*argv):
+        return evaluate.main(["--alg_name", "MEMIT", "--sequential", "--hparams_fname", str(hparams_file),
+                              "--model_name", "tiny-llama", "--ds_name", "mcf", "--device", "cpu",
+                              "--skip_generation_tests", *argv])
+
+    return run_tiny
+
+
+class StandIn:
+    """MEMIT's registry entry (a sequential state without C_prev) with a cheap edit of known effect in place of
+    MEMIT's, installed as the driver's ``get_algorithm``. The edit depends on everything a resumed run must
+    restore: the weights (it shrinks the first edited layer's), the state (by a factor that depends on the edits
+    made so far) and the driver's per-round seed (it adds a random rank-one change from the global generator).
+    ``applied`` lists each round's case ids; ``crash_at`` interrupts the n-th edit (1-based) of a run;
+    ``finish`` (optional) becomes the step after the last round, PRUNE's slot."""
+
+    def __init__(self, monkeypatch, finish=None):
+        self.applied, self.crash_at, self.finished, self._finish_step = [], None, 0, finish
+        memit = evaluate.get_algorithm("MEMIT")
+        extra = {} if finish is None else {"finish": self._finish}
+        self.algorithm = dataclasses.replace(memit, apply=self._apply, **extra)
+        monkeypatch.setattr(evaluate, "get_algorithm", lambda name: self.algorithm)
+
+    def _apply(self, model, tok, requests, hparams, context, state):
+        from editing.round import EditReport
+        from util.weights import add_to_weight, read_weight
+
+        if self.crash_at is not None:
+            self.crash_at -= 1
+            if self.crash_at == 0:
+                raise KeyboardInterrupt
+        name = hparams.rewrite_module(hparams.layers[0])
+        weight = read_weight(model, name)
+        rank_one = torch.randn(weight.shape[0], 1) @ torch.randn(1, weight.shape[1])
+        add_to_weight(model, name, -weight / (2 + state.edits) + 0.05 * rank_one)
+        state.absorb_round(model, tok, requests, hparams, None)
+        self.applied.append([r["case_id"] for r in requests])
+        return EditReport()
+
+    def _finish(self, model, hparams, state):
+        self.finished += 1
+        return self._finish_step(model, hparams, state)
+
+
+def halve_first_layer(model, hparams, state):
+    from util.weights import add_to_weight, read_weight
+
+    name = hparams.rewrite_module(hparams.layers[0])
+    add_to_weight(model, name, -0.5 * read_weight(model, name))
+    return {"halved": name}
+
+
+def latest_run(run_dir):
+    return sorted(run_dir.parent.glob("run_*"))[-1]
+
+
+def measured(case: dict) -> dict:
+    """A case file without its wall-clock times."""
+    case = copy.deepcopy(case)
+    case.pop("time")
+    case["edit_report"].pop("seconds")
+    return case
+
+
+def files_of(run_dir) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def assert_same_state_file(a, b):
+    first, second = (torch.load(d / "sequential_state.pt", weights_only=True) for d in (a, b))
+    assert first["rounds_done"] == second["rounds_done"]
+    assert first["weights"].keys() == second["weights"].keys()
+    assert all(torch.equal(first["weights"][k], second["weights"][k]) for k in first["weights"])
+    assert first["state"] == second["state"]
+
+
+def test_interrupted_sequential_run_resumes_to_the_same_results(tiny_run, monkeypatch):
+    """Interrupted in the second of three rounds, a sequential run resumes after the last finished round: no
+    case lost or edited twice, the edited weights and the method's state restored, and every case file and the
+    saved state end as in an uninterrupted run. A resume with a changed setting is refused and touches nothing."""
+    stand_in = StandIn(monkeypatch)
+    args = ("--dataset_size_limit", "3", "--num_edits", "1")
+    reference = tiny_run(*args)
+    rounds = stand_in.applied
+    assert len(rounds) == 3 and sorted(sum(rounds, [])) == sorted(c["case_id"] for c in cases(reference).values())
+
+    stand_in.applied, stand_in.crash_at = [], 2
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(*args)
+    interrupted = latest_run(reference)
+    assert interrupted != reference and stand_in.applied == rounds[:1]
+    # The first round's case is on disk, nothing else; so is the state after it.
+    assert list(cases(interrupted)) == [f"1_edits-case_{rounds[0][0]}.json"]
+    saved = torch.load(interrupted / "sequential_state.pt", weights_only=True)
+    assert saved["rounds_done"] == 1 and saved["state"]["rounds"] == 1 and saved["state"]["edits"] == 1
+    # MEMIT --sequential is AlphaEdit's plain MEMIT row: the edits are kept, C_prev never is.
+    assert saved["state"]["prev_moments"] == {} and saved["state"]["track_prev_moments"] is False
+
+    on_disk = files_of(interrupted)
+    with pytest.raises(evaluate.RunError, match="seed"):
+        tiny_run(*args, "--continue_from_run", interrupted.name, "--seed", "1")
+    assert files_of(interrupted) == on_disk and latest_run(reference) == interrupted
+
+    stand_in.applied, stand_in.crash_at = [], None
+    resumed = tiny_run(*args, "--continue_from_run", interrupted.name)
+    assert resumed == interrupted
+    assert stand_in.applied == rounds[1:]  # the rounds not done, once each, in order
+    expected = cases(reference)
+    assert cases(resumed).keys() == expected.keys()
+    for name, case in cases(resumed).items():
+        assert measured(case) == measured(expected[name]), name
+    assert_same_state_file(resumed, reference)
+
+
+def test_run_interrupted_in_the_final_evaluation_keeps_its_last_round_step_and_measured_cases(
+        tiny_run, monkeypatch):
+    """The step after the last round (PRUNE's restraint; here halving a layer) runs once: a run interrupted in
+    its final evaluation resumes with the saved result of that step, measures only the cases whose final
+    metrics are missing, and ends as an uninterrupted run."""
+    stand_in = StandIn(monkeypatch, finish=halve_first_layer)
+    args = ("--dataset_size_limit", "3", "--num_edits", "1")
+    reference = tiny_run(*args)
+    assert stand_in.finished == 1
+
+    real_evaluator = evaluate.Evaluator
+    measurements = []
+
+    class Counting(real_evaluator):
+        crash_at = None
+
+        def __call__(self, model, tok, record):
+            measurements.append(record["case_id"])
+            if len(measurements) == Counting.crash_at:
+                raise KeyboardInterrupt
+            return super().__call__(model, tok, record)
+
+    monkeypatch.setattr(evaluate, "Evaluator", Counting)
+    Counting.crash_at = 2 * 3 + 2  # pre and post of three cases, then the second final measurement
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(*args)
+    interrupted = latest_run(reference)
+    assert stand_in.finished == 2
+    with_final = sorted(name for name, case in cases(interrupted).items() if "final" in case)
+    assert len(with_final) == 1
+    first_final = (interrupted / with_final[0]).read_bytes()
+    assert torch.load(interrupted / "sequential_state.pt", weights_only=True)["state"]["finished"] is True
+
+    measurements.clear()
+    Counting.crash_at = None
+    resumed = tiny_run(*args, "--continue_from_run", interrupted.name)
+    assert stand_in.finished == 2  # not repeated on the restored weights
+    assert len(measurements) == 2 and (interrupted / with_final[0]).read_bytes() == first_final
+    expected = cases(reference)
+    assert cases(resumed).keys() == expected.keys()
+    for name, case in cases(resumed).items():
+        assert measured(case) == measured(expected[name]), name
+    assert_same_state_file(resumed, reference)
+
+
+def test_sequential_protocol_and_downstream_schedule(tiny_run, monkeypatch, tiny_llama, tiny_tok):
+    """Pre on the unedited model, post after each round, final after the last; downstream checks before
+    round 1 and after each round, with the number of edits made."""
+    from util.scoring import mean_nlls
+
+    stand_in = StandIn(monkeypatch)
+    run_dir = tiny_run("--dataset_size_limit", "2", "--num_edits", "1", "--downstream_eval_steps", "1",
+                       "--downstream_examples", "2")
+    assert len(stand_in.applied) == 2
+    first, second = [c for _, c in sorted(cases(run_dir).items())]
+    nll = lambda case, stage: case[stage]["rewrite_prompts_probs"][0]["target_true"]
+    # The first case's post state (one edit) differs from the final state (two edits); the second
+    # case's pre was measured after round 1 but on the unedited weights.
+    assert nll(first, "post") != pytest.approx(nll(first, "final"), abs=1e-4)
+    assert nll(second, "post") == pytest.approx(nll(second, "final"), abs=1e-5)
+    assert nll(first, "pre") != pytest.approx(nll(first, "post"), abs=1e-4)
+    rewrite = second["requested_rewrite"]
+    (unedited,) = mean_nlls(tiny_llama, tiny_tok, [rewrite["prompt"].format(rewrite["subject"])],
+                            [rewrite["target_true"]["str"]])
+    assert nll(second, "pre") == pytest.approx(unedited, abs=1e-4)
+    assert nll(second, "pre") != pytest.approx(nll(second, "post"), abs=1e-4)
+    glue = sorted(p.name for p in (run_dir / "glue_eval").glob("*.json"))
+    assert glue == ["edits_000000.json", "edits_000001.json", "edits_000002.json"]
+    counts = [json.loads((run_dir / "glue_eval" / g).read_text())["edit_count"] for g in glue]
+    assert counts == [0, 1, 2]
+
+
+# -- The methods on the embedded model -------------------------------------------------------------------
+
+@pytest.mark.slow
 def test_memit_edits_ten_real_records(env):
     run_dir = run("--alg_name", "MEMIT", "--hparams_fname", str(env / "memit.json"),
                   "--dataset_size_limit", "10", "--num_edits", "10")
@@ -61,6 +269,7 @@ def test_memit_edits_ten_real_records(env):
     assert post["generalization"]["mean"] > pre["generalization"]["mean"]
 
 
+@pytest.mark.slow
 def test_rome_flips_one_record(env, embedded_model_and_tok, data_dir):
     """ROME on a fact the model knows (Porsche 911, created by Porsche -> Honda)."""
     from dsets import CounterFactDataset
@@ -90,38 +299,7 @@ def test_rome_flips_one_record(env, embedded_model_and_tok, data_dir):
     assert after_paraphrase[0] < before[0]
 
 
-def test_interrupted_sequential_run_resumes_to_the_same_results(env, monkeypatch):
-    args = ["--alg_name", "MEMIT", "--sequential", "--hparams_fname", str(env / "memit.json"),
-            "--dataset_size_limit", "2", "--num_edits", "1"]
-    reference = cases(run(*args))
-    memit = evaluate.get_algorithm("MEMIT")
-    calls = {"n": 0}
-
-    def crash_in_second_round(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return memit.apply(*a, **k)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(evaluate, "get_algorithm", lambda name: dataclasses.replace(memit, apply=crash_in_second_round))
-        with pytest.raises(KeyboardInterrupt):
-            run(*args)
-    interrupted = sorted((env / "results" / "MEMIT").glob("run_*"))[-1]
-    assert len(cases(interrupted)) == 1  # the first round's cases are on disk, nothing else
-    # MEMIT --sequential is AlphaEdit's plain MEMIT row: the edits are kept, C_prev never is.
-    saved = torch.load(interrupted / "sequential_state.pt", weights_only=True)["state"]
-    assert saved["prev_moments"] == {} and saved["track_prev_moments"] is False and saved["rounds"] == 1
-    resumed = cases(run(*args, "--continue_from_run", interrupted.name))
-    assert resumed.keys() == reference.keys()
-    for name, case in reference.items():
-        for stage in ("pre", "post", "final"):
-            for kind in ("rewrite_prompts_probs", "paraphrase_prompts_probs", "neighborhood_prompts_probs"):
-                for a, b in zip(case[stage][kind], resumed[name][stage][kind]):
-                    assert a["target_new"] == pytest.approx(b["target_new"], abs=1e-3)
-                    assert a["target_true"] == pytest.approx(b["target_true"], abs=1e-3)
-
-
+@pytest.mark.slow
 def test_context_templates_are_sensible_text(embedded_model_and_tok):
     """Upstream's generator produced 'The-, the the--,, a. {}' (a sliced attention mask with left padding)."""
     import re
@@ -140,49 +318,11 @@ def test_context_templates_are_sensible_text(embedded_model_and_tok):
         assert "--" not in text and ",," not in text, template
 
 
-def test_sequential_protocol_and_downstream_schedule(env, monkeypatch, embedded_model_and_tok):
-    """A stand-in edit (cheap, known effect) checks the driver's bookkeeping: pre on the unedited model,
-    post after each round, final after the last, downstream checks before round 1 and after each round."""
-    from util.weights import add_to_weight, read_weight
-
-    memit = evaluate.get_algorithm("MEMIT")
-    applied = []
-
-    def scale_down_layer(model, tok, requests, hparams, context, state):
-        name = hparams.rewrite_module(hparams.layers[0])
-        add_to_weight(model, name, -0.5 * read_weight(model, name))
-        applied.append([r["case_id"] for r in requests])
-        from editing.round import EditReport
-        return EditReport()
-
-    monkeypatch.setattr(evaluate, "get_algorithm", lambda name: dataclasses.replace(memit, apply=scale_down_layer))
-    run_dir = run("--alg_name", "MEMIT", "--sequential", "--hparams_fname", str(env / "memit.json"),
-                  "--dataset_size_limit", "2", "--num_edits", "1", "--downstream_eval_steps", "1",
-                  "--downstream_examples", "2")
-    assert len(applied) == 2
-    first, second = [c for _, c in sorted(cases(run_dir).items())]
-    nll = lambda case, stage: case[stage]["rewrite_prompts_probs"][0]["target_true"]
-    # The first case's post state (one edit) differs from the final state (two edits); the second
-    # case's pre was measured after round 1 but on the unedited weights.
-    assert nll(first, "post") != pytest.approx(nll(first, "final"), abs=1e-4)
-    assert nll(second, "post") == pytest.approx(nll(second, "final"), abs=1e-5)
-    assert nll(first, "pre") != pytest.approx(nll(first, "post"), abs=1e-4)
-    from util.scoring import mean_nlls
-
-    rewrite = second["requested_rewrite"]
-    (unedited,) = mean_nlls(*embedded_model_and_tok, [rewrite["prompt"].format(rewrite["subject"])],
-                            [rewrite["target_true"]["str"]])
-    assert nll(second, "pre") == pytest.approx(unedited, abs=1e-4)
-    glue = sorted(p.name for p in (run_dir / "glue_eval").glob("*.json"))
-    assert glue == ["edits_000000.json", "edits_000001.json", "edits_000002.json"]
-    counts = [json.loads((run_dir / "glue_eval" / g).read_text())["edit_count"] for g in glue]
-    assert counts == [0, 1, 2]
-
-
 def ece_test_hparams(method):
     """Shipped ECE hparams with, for the suite's time budget, 12 target steps over 3 context templates
     (shipped: 25 over 6; the README's measurements use the shipped files) and 400 statistics samples."""
-    hparams = json.loads((SHIPPED / f"ECE_{method}" / "smollm2-135m.json").read_text())
+    folder = evaluate.get_algorithm(f"ECE_{method}").hparams_dir_name
+    hparams = json.loads((SHIPPED / folder / "smollm2-135m.json").read_text())
     hparams.update(mom2_n_samples=400, v_num_grad_steps=12, context_template_length_params=[[10, 2]])
     return hparams
 
@@ -198,6 +338,7 @@ def check_explanation(explanation: dict, round_ids: set, hparams: dict) -> None:
     assert all(0 <= r["cluster"] < explanation["n_clusters"] for r in explanation["requests"])
 
 
+@pytest.mark.slow
 def test_ece_wi_driver_two_sequential_rounds_of_ten_real_edits(env):
     """Through the driver: 20 case files, efficacy >= 90% after each round, and an explanation file per
     round that says which neurons were edited and which facts were optimised together."""
@@ -217,11 +358,12 @@ def test_ece_wi_driver_two_sequential_rounds_of_ten_real_edits(env):
         check_explanation(json.loads(path.read_text()), round_ids, hparams)
 
 
-@pytest.mark.parametrize("method", ["AS", "RS", "GA"])
-def test_ece_variant_two_sequential_rounds_of_ten_real_edits(env, method, embedded_model_and_tok, data_dir):
-    """The other neuron scores, in process (the driver path is tested above): two sequential rounds of 10
-    real edits, efficacy (new target more likely than the true one on the rewrite prompt, as in the
-    CounterFact metric) >= 90% after each round."""
+@pytest.mark.slow
+def test_ece_ga_one_round_of_ten_real_edits(env, embedded_model_and_tok, data_dir):
+    """Another neuron score than the driver test's WI, in process: GA (gradient times activation, which the
+    upstream release lacks). One round of 10 real edits reaches efficacy (new target more likely than the true
+    one on the rewrite prompt, as in the CounterFact metric) >= 90%. Every score is checked against its
+    definition on tiny models in test_ece."""
     from dsets import CounterFactDataset
     from ece import ECEHyperParams
     from editing.context import EditContext
@@ -230,21 +372,19 @@ def test_ece_variant_two_sequential_rounds_of_ten_real_edits(env, method, embedd
     from util.weights import load_weights, snapshot_weights
 
     model, tok = embedded_model_and_tok
-    hparams = ECEHyperParams.from_dict(ece_test_hparams(method))
-    records = list(CounterFactDataset(data_dir, multi=True, size=20))
+    hparams = ECEHyperParams.from_dict(ece_test_hparams("GA"))
+    requests = [evaluate.record_to_request(r) for r in CounterFactDataset(data_dir, multi=True, size=10)]
     original = snapshot_weights(model, [hparams.rewrite_module(l) for l in hparams.layers])
-    algorithm = evaluate.get_algorithm(f"ECE_{method}")
+    algorithm = evaluate.get_algorithm("ECE_GA")
     context, state = EditContext("smollm2-135m", data_dir=data_dir), SequentialState()
     try:
-        for start in (0, 10):
-            requests = [evaluate.record_to_request(r) for r in records[start : start + 10]]
-            report = algorithm.apply(model, tok, requests, hparams, context, state)
-            prompts = [r["prompt"].format(r["subject"]) for r in requests]
-            new = mean_nlls(model, tok, prompts, [r["target_new"]["str"] for r in requests])
-            true = mean_nlls(model, tok, prompts, [r["target_true"]["str"] for r in requests])
-            efficacy = 100.0 * sum(n < t for n, t in zip(new, true)) / len(requests)
-            assert efficacy >= 90.0, (method, start, efficacy)
-            check_explanation(report.explanation, {r["case_id"] for r in requests}, hparams.to_dict())
-        assert state.rounds == 2 and state.edits == 20
+        report = algorithm.apply(model, tok, requests, hparams, context, state)
+        prompts = [r["prompt"].format(r["subject"]) for r in requests]
+        new = mean_nlls(model, tok, prompts, [r["target_new"]["str"] for r in requests])
+        true = mean_nlls(model, tok, prompts, [r["target_true"]["str"] for r in requests])
     finally:
         load_weights(model, original)
+    efficacy = 100.0 * sum(n < t for n, t in zip(new, true)) / len(requests)
+    assert efficacy >= 90.0, efficacy
+    check_explanation(report.explanation, {r["case_id"] for r in requests}, hparams.to_dict())
+    assert state.rounds == 1 and state.edits == 10
