@@ -12,6 +12,7 @@ import torch
 
 import summarize
 from experiments import evaluate
+from experiments.driver import RunError, record_to_request
 from util.paths import REPO_ROOT
 
 SHIPPED = REPO_ROOT / "hparams"
@@ -164,7 +165,7 @@ def test_interrupted_sequential_run_resumes_to_the_same_results(tiny_run, monkey
     assert saved["state"]["prev_moments"] == {} and saved["state"]["track_prev_moments"] is False
 
     on_disk = files_of(interrupted)
-    with pytest.raises(evaluate.RunError, match="seed"):
+    with pytest.raises(RunError, match="seed"):
         tiny_run(*args, "--continue_from_run", interrupted.name, "--seed", "1")
     assert files_of(interrupted) == on_disk and latest_run(reference) == interrupted
 
@@ -373,7 +374,7 @@ def test_ece_ga_one_round_of_ten_real_edits(env, embedded_model_and_tok, data_di
 
     model, tok = embedded_model_and_tok
     hparams = ECEHyperParams.from_dict(ece_test_hparams("GA"))
-    requests = [evaluate.record_to_request(r) for r in CounterFactDataset(data_dir, multi=True, size=10)]
+    requests = [record_to_request(r) for r in CounterFactDataset(data_dir, multi=True, size=10)]
     original = snapshot_weights(model, [hparams.rewrite_module(l) for l in hparams.layers])
     algorithm = evaluate.get_algorithm("ECE_GA")
     context, state = EditContext("smollm2-135m", data_dir=data_dir), SequentialState()
