@@ -18,7 +18,6 @@ multiplication on the same machine, measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
@@ -39,7 +38,7 @@ from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.driver import (Evaluator, RunError, check_algorithm_name, load_hparams, load_records,  # noqa: E402
                                 parse_algorithm_spec, record_to_request, resolve_hparams_path, set_seed)
 from experiments.metrics import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
-from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
+from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hooks import get_module  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
@@ -189,16 +188,13 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, results_file=True)
     parser.add_argument("--algs", required=True, help="comma-separated, e.g. MEMIT,ECE_WI,MEMIT:z_prefix_cache=false")
     parser.add_argument("--hparams_fname", default=None, help="default <model_name>.json in each hparams/<ALG>/")
     parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
     parser.add_argument("--num_edits", type=int, default=100, help="edits per round")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    add_model_arguments(parser)
-    parser.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
     if args.num_edits < 1 or args.rounds < 1:
         parser.error("--num_edits and --rounds must be >= 1")

@@ -13,7 +13,6 @@ WikiText chunks that the statistics did not use (the ones after the first ``mom2
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from editing.layer_stats import load_corpus_text, text_chunks  # noqa: E402
 from experiments.driver import RunError  # noqa: E402
-from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
+from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hooks import TraceDict  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import load_model_and_tokenizer, model_device  # noqa: E402
@@ -117,14 +116,11 @@ def print_table(rows: List[dict]) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, results_file=True)
     parser.add_argument("--run_dirs", nargs="+", required=True, help="folders of finished sequential runs")
     parser.add_argument("--n_samples", type=int, default=64, help="WikiText chunks after the statistics' ones")
     parser.add_argument("--sample_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    add_model_arguments(parser)
-    parser.add_argument("--data_dir", default=None)
     return parser.parse_args(argv)
 
 

@@ -35,7 +35,7 @@ from experiments.driver import (STAGE_LABELS, DownstreamSchedule, Evaluator, Run
                                 case_path, continue_run_dir, effective_hparams_file, explanation_path,
                                 check_algorithm_name, load_hparams, load_records, record_to_request,
                                 resolve_hparams_path, save_sequential_state, set_seed, start_run_dir, state_edits)
-from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
+from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hparams import parse_overrides  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import load_model_and_tokenizer  # noqa: E402
@@ -56,7 +56,7 @@ REMOVED_SWITCHES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--alg_name", required=True, help=f"one of {', '.join(algorithm_names())}")
     parser.add_argument("--hparams_fname", required=True, help="file in hparams/<ALG>/ or a path")
     parser.add_argument("--hparams", nargs="+", default=[], metavar="KEY=VALUE",
@@ -80,10 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                         help="keep edits between rounds (default: on for sequential methods)")
     parser.add_argument("--skip_final_eval", action="store_true", help="sequential runs: no 'final' evaluation")
-    add_model_arguments(parser)
     parser.add_argument("--device_map", default=None, help="e.g. 'auto' to shard the model over GPUs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="folder with the data files (else ECE_DATA_DIR, globals.yml)")
     parser.add_argument("--results_dir", default=None, help="else ECE_RESULTS_DIR, globals.yml")
     args = parser.parse_args(argv)
     for switch, message in REMOVED_SWITCHES.items():

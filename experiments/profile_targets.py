@@ -15,7 +15,6 @@ each batch size, and how much of the stage is not matrix products at all.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from editing.target_values import compute_target_values  # noqa: E402
 from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.benchmark import matmul_rate  # noqa: E402
 from experiments.driver import RunError, load_hparams, load_records, record_to_request, resolve_hparams_path  # noqa: E402
-from util.cli import add_model_arguments, run_script, setup_logging  # noqa: E402
+from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
 
@@ -117,24 +116,20 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, results_file=True)
     parser.add_argument("--hparams_fname", default=None, help="MEMIT hparams (default <model_name>.json)")
     parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
     parser.add_argument("--num_edits", type=int, default=20)
     parser.add_argument("--per_fact_sample", type=int, default=4, help="facts profiled in one loop each")
     parser.add_argument("--steps", type=int, default=5, help="optimisation steps per loop (early stopping off)")
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    add_model_arguments(parser)
-    parser.add_argument("--data_dir", default=None)
-    args = parser.parse_args(argv)
-    if min(args.num_edits, args.steps, args.per_fact_sample) < 1:
-        parser.error("--num_edits, --steps and --per_fact_sample must be >= 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if min(args.num_edits, args.steps, args.per_fact_sample) < 1:
+        raise RunError("--num_edits, --steps and --per_fact_sample must be >= 1")
     args.device = args.device or default_device()
     if args.device.startswith("cuda"):
         raise RunError("the category breakdown reads CPU operator time; run it with --device cpu")

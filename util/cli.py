@@ -28,6 +28,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_verbose_argument(parser)
 
 
+def script_parser(description: str, results_file: bool = False) -> argparse.ArgumentParser:
+    """A script's parser with the arguments every script shares: the model arguments, ``--data_dir`` and,
+    for scripts that write one results file, ``--out``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--data_dir", default=None, help="folder with the data files (else ECE_DATA_DIR, globals.yml)")
+    if results_file:
+        parser.add_argument("--out", default=None, help="JSON file for the results")
+    return parser
+
+
 def setup_logging(verbose: bool, level: int = logging.WARNING) -> None:
     """``level`` for a normal run, DEBUG with ``-v`` (no effect when logging is already configured)."""
     logging.basicConfig(level=logging.DEBUG if verbose else level, format=LOG_FORMAT)
