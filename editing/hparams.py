@@ -38,6 +38,10 @@ class LocateEditHyperParams(HyperParams):
     mom2_skip_bos: bool = False
     # Stopping rule of the target-value loop and the context templates ([[length, count], ...]).
     v_stop_loss: float = 5e-2
+    # Also stop a request once its new target has been the most probable continuation, every target
+    # token on every one of its prompts, at this many optimisation steps (ENCORE's most-probable early
+    # stopping; its hparams use 2). null: v_stop_loss alone, as MEMIT publishes it.
+    v_stop_most_probable_steps: Optional[int] = None
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
     # Speed only, same values: compute the tokens before each fact token once per target loop
     # instead of at every optimisation step (false: the published implementations' cost).
@@ -64,6 +68,8 @@ class LocateEditHyperParams(HyperParams):
         require(self.v_num_grad_steps >= 1, source, "v_num_grad_steps", "must be >= 1")
         require(self.v_lr > 0, source, "v_lr", "must be > 0")
         require(self.v_loss_layer >= max(self.layers), source, "v_loss_layer", "must be >= the last edited layer")
+        require(self.v_stop_most_probable_steps is None or self.v_stop_most_probable_steps >= 1, source,
+                "v_stop_most_probable_steps", "must be >= 1, or null to stop on v_stop_loss alone")
         require(self.clamp_norm_factor > 0, source, "clamp_norm_factor", "must be > 0")
         require(self.mom2_n_samples >= 1, source, "mom2_n_samples", "must be >= 1")
         require(self.mom2_keys_per_dimension is None or self.mom2_keys_per_dimension > 0, source,

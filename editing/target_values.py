@@ -13,8 +13,12 @@ the positions that predict target tokens (not over the whole sequence and vocabu
 the current distribution ``p`` against the unedited ``p_0``, as MEMIT's
 ``kl_div(kl_distr_init, kl_log_probs, log_target=True)`` computes it (memit/compute_z.py:149-151,
 rome/compute_v.py:137-139 in kmeng01/memit). Each request
-stops when its own loss falls below ``v_stop_loss``; its delta is then frozen and its rows leave the
-batch while the others go on. Requests never interact (separate rows, separate deltas; Adam is
+stops when its own loss falls below ``v_stop_loss`` or, with ``v_stop_most_probable_steps = k``, once
+every target token has been the most probable token on every one of the request's prompts at ``k``
+steps, not necessarily consecutive (ENCORE's most-probable early stopping, encore/compute_z.py:167-193 in
+scalable-model-editing/knowledge-editing-regularization, which leaves the first prompt out of the
+check; here every prompt counts). Its delta is then frozen and its rows leave the batch while the
+others go on. Requests never interact (separate rows, separate deltas; Adam is
 element-wise), so one loop over many requests gives the same values as one loop per request, only with
 fewer, larger forward passes.
 
@@ -224,6 +228,14 @@ def kl_to_unedited(log_probs: torch.Tensor, unedited_log_probs: torch.Tensor) ->
     return (log_probs.exp() * (log_probs - unedited_log_probs)).sum(-1)
 
 
+def _target_most_probable(token_log_probs: torch.Tensor, batch: _Batch, n: int) -> torch.Tensor:
+    """Per request: is each of its target tokens the argmax on each of its prompts (bool ``[n]``)?
+    Requests without rows in ``batch`` (already stopped) come out true."""
+    missed = (token_log_probs.argmax(-1) != batch.token_ids.to(token_log_probs.device)).float()
+    misses = torch.zeros(n, device=missed.device).index_add(0, batch.token_request.to(missed.device), missed)
+    return misses == 0
+
+
 def compute_target_values(
     model, tok, requests, hparams, template_groups, z_layer: int, requests_per_loop: Optional[int] = None,
     loops: Optional[Sequence[Sequence[int]]] = None, shared_delta: bool = False, prefix_cache: bool = True,
@@ -287,6 +299,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     active = torch.ones(n, dtype=torch.bool, device=delta_device)
     steps = torch.zeros(n, dtype=torch.long)
     last_loss = torch.zeros(n)
+    steps_on_top = torch.zeros(n, dtype=torch.long, device=delta_device)  # steps with the target most probable
     forward_rows = forward_tokens = 0
 
     def add_delta(hidden: torch.Tensor) -> torch.Tensor:
@@ -335,6 +348,9 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
         with torch.no_grad():
             last_loss[active.cpu()] = loss.detach().float().cpu()[active.cpu()]
             active &= loss >= hparams.v_stop_loss
+            if hparams.v_stop_most_probable_steps is not None:
+                steps_on_top += active & _target_most_probable(token_log_probs, batch, n).to(delta_device)
+                active &= steps_on_top < hparams.v_stop_most_probable_steps
         LOG.debug("step %d: loss %s, %d of %d requests still optimising", step,
                   [round(x, 3) for x in loss.detach().tolist()], int(active.sum()), n)
         if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:
