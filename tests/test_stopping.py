@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from editing.target_values import compute_target_values
-from tests.test_editing_math import TEMPLATES, make_hparams
 from util.hparams import HParamsError
 
 # Single-token targets right after the subject: a tiny random model can make them the most probable
@@ -19,45 +18,50 @@ REQUESTS = [
 MAX_STEPS = 30
 
 
-def _values(model, tok, requests, steps, **overrides):
-    hp = make_hparams("llama", v_num_grad_steps=steps, **overrides)
-    return compute_target_values(model, tok, requests, hp, TEMPLATES, z_layer=2, requests_per_loop=1)
+@pytest.fixture
+def run_loop(tiny_llama, tiny_tok, make_hparams, context_templates):
+    """Target values on the tiny Llama, at most ``steps`` steps, one loop per request unless told."""
+    def run(requests, steps, requests_per_loop=1, **overrides):
+        hp = make_hparams("llama", v_num_grad_steps=steps, **overrides)
+        return compute_target_values(tiny_llama, tiny_tok, requests, hp, context_templates, z_layer=2,
+                                     requests_per_loop=requests_per_loop)
+
+    return run
 
 
-def test_loss_rule_alone_runs_every_step(tiny_llama, tiny_tok):
-    values = _values(tiny_llama, tiny_tok, REQUESTS, MAX_STEPS)
+def test_loss_rule_alone_runs_every_step(run_loop):
+    values = run_loop(REQUESTS, MAX_STEPS)
     assert values.steps == [MAX_STEPS - 1] * len(REQUESTS)
     assert min(values.losses) > 1.0
 
 
 @pytest.mark.parametrize("needed", [1, 2])
-def test_a_request_stops_at_the_first_step_its_target_was_on_top_that_often(tiny_llama, tiny_tok, needed):
-    ruled = _values(tiny_llama, tiny_tok, REQUESTS, MAX_STEPS, v_stop_most_probable_steps=needed)
+def test_a_request_stops_at_the_first_step_its_target_was_on_top_that_often(run_loop, needed):
+    ruled = run_loop(REQUESTS, MAX_STEPS, v_stop_most_probable_steps=needed)
     assert all(0 < taken < MAX_STEPS - 1 for taken in ruled.steps), ruled.steps
     for j, taken in enumerate(ruled.steps):
         one = REQUESTS[j:j + 1]
         # Without the rule, exactly as many updates give the same value: stopping froze the delta.
-        fixed = _values(tiny_llama, tiny_tok, one, taken + 1)
+        fixed = run_loop(one, taken + 1)
         assert torch.allclose(fixed.targets[0], ruled.targets[j], atol=1e-5)
         # With one update fewer allowed the rule had not fired yet: it stopped at its first chance.
-        shorter = _values(tiny_llama, tiny_tok, one, taken, v_stop_most_probable_steps=needed)
+        shorter = run_loop(one, taken, v_stop_most_probable_steps=needed)
         assert shorter.steps == [taken - 1]
 
 
-def test_more_required_steps_never_stop_sooner(tiny_llama, tiny_tok):
-    once = _values(tiny_llama, tiny_tok, REQUESTS, MAX_STEPS, v_stop_most_probable_steps=1)
-    twice = _values(tiny_llama, tiny_tok, REQUESTS, MAX_STEPS, v_stop_most_probable_steps=2)
+def test_more_required_steps_never_stop_sooner(run_loop):
+    once = run_loop(REQUESTS, MAX_STEPS, v_stop_most_probable_steps=1)
+    twice = run_loop(REQUESTS, MAX_STEPS, v_stop_most_probable_steps=2)
     assert all(b > a for a, b in zip(once.steps, twice.steps))
 
 
-def test_batched_loop_stops_each_request_as_alone(tiny_llama, tiny_tok):
-    hp = make_hparams("llama", v_num_grad_steps=MAX_STEPS, v_stop_most_probable_steps=2)
-    together = compute_target_values(tiny_llama, tiny_tok, REQUESTS, hp, TEMPLATES, z_layer=2)
-    alone = _values(tiny_llama, tiny_tok, REQUESTS, MAX_STEPS, v_stop_most_probable_steps=2)
-    assert together.steps == alone.steps
+def test_batched_loop_stops_each_request_as_alone(run_loop):
+    together = run_loop(REQUESTS, MAX_STEPS, requests_per_loop=None, v_stop_most_probable_steps=2)
+    alone = run_loop(REQUESTS, MAX_STEPS, v_stop_most_probable_steps=2)
+    assert together.loops == 1 and together.steps == alone.steps
     assert torch.allclose(together.targets, alone.targets, atol=1e-4, rtol=1e-4)
 
 
-def test_most_probable_steps_must_be_positive():
+def test_most_probable_steps_must_be_positive(make_hparams):
     with pytest.raises(HParamsError, match="v_stop_most_probable_steps"):
         make_hparams("llama", v_stop_most_probable_steps=0)
