@@ -10,7 +10,6 @@ from baselines.memit import apply_memit_to_model
 from ece import ECEHyperParams, apply_ece_to_model
 from ece.cluster import cluster_requests, eigengap_cluster_count, jaccard_similarity, optimisation_loops
 from ece.explain import column_l1_norms, neuron_scores, select_neurons
-from editing.context import EditContext
 from editing.keys import compute_keys
 from editing.sequential import SequentialState
 from editing.target_values import compute_target_values
@@ -18,24 +17,25 @@ from util.hooks import get_module
 from util.hparams import HParamsError
 from util.weights import read_weight
 
-from tests.test_editing_math import REQUESTS, TEMPLATES, make_hparams, stats_dir  # noqa: F401
 
-MORE_REQUESTS = REQUESTS + [
-    {"case_id": 3, "prompt": "{} works in the field of", "subject": "Marie Curie",
-     "target_new": {"str": "music"}, "target_true": {"str": "physics"}},
-]
-
-
-def ece_hparams(arch, **overrides):
-    values = dict(neuron_threshold=0.8, n_clusters=None, max_clusters=4, z_mode="per_request")
-    values.update(overrides)
-    return make_hparams(arch, cls=ECEHyperParams, **values)
+@pytest.fixture
+def more_requests(edit_requests):
+    """The three shared requests and a fourth (case id 3)."""
+    return edit_requests + [
+        {"case_id": 3, "prompt": "{} works in the field of", "subject": "Marie Curie",
+         "target_new": {"str": "music"}, "target_true": {"str": "physics"}},
+    ]
 
 
-def fixed_context(templates=TEMPLATES, seed=0):
-    context = EditContext("tiny", seed=seed)
-    context.context_templates = lambda *a, **k: templates
-    return context
+@pytest.fixture
+def ece_hparams(make_hparams):
+    """``ece_hparams(arch, **overrides)``: ECE hparams for a tiny model (make_hparams plus ECE's keys)."""
+    def make(arch, **overrides):
+        values = dict(neuron_threshold=0.8, n_clusters=None, max_clusters=4, z_mode="per_request")
+        values.update(overrides)
+        return make_hparams(arch, cls=ECEHyperParams, **values)
+
+    return make
 
 
 # -- nucleus selection ------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_optimisation_loops_split_large_clusters():
     assert optimisation_loops(labels, 2) == [[0, 2], [3, 5], [6], [1, 4]]
 
 
-def test_loop_size_follows_the_device_unless_the_hparams_set_it(tiny_llama):
+def test_loop_size_follows_the_device_unless_the_hparams_set_it(tiny_llama, ece_hparams):
     from ece.ece_main import loop_size
     from editing.target_values import CPU_REQUESTS_PER_LOOP
 
@@ -102,7 +102,7 @@ def test_loop_size_follows_the_device_unless_the_hparams_set_it(tiny_llama):
 # -- explain --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_neuron_scores_shapes_and_definitions(arch, request, tiny_tok):
+def test_neuron_scores_shapes_and_definitions(arch, request, tiny_tok, edit_requests, context_templates, ece_hparams):
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = ece_hparams(arch)
     d_ff = read_weight(model, hp.rewrite_module(1)).shape[1]
@@ -110,26 +110,31 @@ def test_neuron_scores_shapes_and_definitions(arch, request, tiny_tok):
     # WI is the L1 norm of each input neuron's column of W : d_ff -> d_model, whatever the storage.
     expected_wi = raw.abs().sum(1) if arch == "gpt2" else raw.abs().sum(0)
     assert torch.allclose(column_l1_norms(model, hp, 1), expected_wi)
-    scores = {m: neuron_scores(model, tiny_tok, REQUESTS, hp, TEMPLATES, m) for m in ("AS", "WI", "RS", "GA")}
-    keys = compute_keys(model, tiny_tok, REQUESTS, hp, hp.layers, TEMPLATES)
+    scores = {m: neuron_scores(model, tiny_tok, edit_requests, hp, context_templates, m)
+              for m in ("AS", "WI", "RS", "GA")}
+    keys = compute_keys(model, tiny_tok, edit_requests, hp, hp.layers, context_templates)
     for layer in hp.layers:
         for m in scores:
-            assert scores[m][layer].shape == (len(REQUESTS), d_ff) and (scores[m][layer] >= 0).all()
+            assert scores[m][layer].shape == (len(edit_requests), d_ff) and (scores[m][layer] >= 0).all()
         assert torch.allclose(scores["AS"][layer], keys[layer].abs())
         assert torch.allclose(scores["RS"][layer], scores["AS"][layer] * scores["WI"][layer])
         assert (scores["WI"][layer] == scores["WI"][layer][0]).all()
         assert scores["GA"][layer].sum() > 0
 
 
-def test_gradient_attribution_all_layers_at_once_equals_one_layer_at_a_time(tiny_llama, tiny_tok):
+def test_gradient_attribution_all_layers_at_once_equals_one_layer_at_a_time(tiny_llama, tiny_tok, edit_requests,
+                                                                            context_templates, ece_hparams):
     """The one-backward path (embedding made to require grad) and the per-layer path (ig_steps=1: the
     layer's input made a leaf) must give the same gradient x activation, paths through later layers
     included."""
-    together = neuron_scores(tiny_llama, tiny_tok, REQUESTS, ece_hparams("llama", ig_steps=0), TEMPLATES, "GA")
-    per_layer = neuron_scores(tiny_llama, tiny_tok, REQUESTS, ece_hparams("llama", ig_steps=1), TEMPLATES, "GA")
+    def scores(ig_steps):
+        hp = ece_hparams("llama", ig_steps=ig_steps)
+        return neuron_scores(tiny_llama, tiny_tok, edit_requests, hp, context_templates, "GA")
+
+    together, per_layer = scores(0), scores(1)
     for layer in together:
         assert torch.allclose(together[layer], per_layer[layer], rtol=1e-4, atol=1e-7)
-    integrated = neuron_scores(tiny_llama, tiny_tok, REQUESTS, ece_hparams("llama", ig_steps=4), TEMPLATES, "GA")
+    integrated = scores(4)
     assert not torch.allclose(integrated[1], together[1])  # a different attribution, same shape
     assert integrated[1].shape == together[1].shape
 
@@ -137,39 +142,43 @@ def test_gradient_attribution_all_layers_at_once_equals_one_layer_at_a_time(tiny
 # -- batched target values ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_cluster_loops_give_the_same_target_values_as_one_loop_per_request(arch, request, tiny_tok):
+def test_cluster_loops_give_the_same_target_values_as_one_loop_per_request(arch, request, tiny_tok, more_requests,
+                                                                           context_templates, ece_hparams):
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = ece_hparams(arch, v_num_grad_steps=8, v_stop_loss=1e-9)
-    alone = compute_target_values(model, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, requests_per_loop=1)
-    clustered = compute_target_values(model, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, loops=[[3, 0], [2, 1]])
+    alone = compute_target_values(model, tiny_tok, more_requests, hp, context_templates, z_layer=2, requests_per_loop=1)
+    clustered = compute_target_values(model, tiny_tok, more_requests, hp, context_templates, z_layer=2,
+                                      loops=[[3, 0], [2, 1]])
     assert clustered.loops == 2 and clustered.loop_of == [0, 1, 1, 0]
     # Same seed-free optimisation, different batch composition: equal up to float32 summation order.
     assert torch.allclose(clustered.targets, alone.targets, rtol=1e-4, atol=1e-5)
     assert clustered.steps == alone.steps
     with pytest.raises(ValueError, match="exactly once"):
-        compute_target_values(model, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2, loops=[[0, 1], [1, 2]])
+        compute_target_values(model, tiny_tok, more_requests, hp, context_templates, z_layer=2, loops=[[0, 1], [1, 2]])
 
 
-def test_stopped_requests_leave_the_batch(tiny_llama, tiny_tok):
+def test_stopped_requests_leave_the_batch(tiny_llama, tiny_tok, more_requests, context_templates, ece_hparams):
     hp = ece_hparams("llama", v_num_grad_steps=10, v_stop_loss=1e-9)
-    everyone = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2)
-    rows_per_request = sum(len(g) for g in TEMPLATES) + 1
-    assert everyone.forward_rows == 10 * rows_per_request * len(MORE_REQUESTS)
+    everyone = compute_target_values(tiny_llama, tiny_tok, more_requests, hp, context_templates, z_layer=2)
+    rows_per_request = sum(len(g) for g in context_templates) + 1
+    assert everyone.forward_rows == 10 * rows_per_request * len(more_requests)
     # A stopping loss between the requests' first losses stops half at once; the rest run on alone.
-    first = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, ece_hparams("llama", v_num_grad_steps=1),
-                                  TEMPLATES, z_layer=2).losses
+    first = compute_target_values(tiny_llama, tiny_tok, more_requests, ece_hparams("llama", v_num_grad_steps=1),
+                                  context_templates, z_layer=2).losses
     threshold = float(np.median(first))
     hp_stop = ece_hparams("llama", v_num_grad_steps=10, v_stop_loss=threshold)
-    some = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp_stop, TEMPLATES, z_layer=2)
-    alone = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp_stop, TEMPLATES, z_layer=2, requests_per_loop=1)
+    some = compute_target_values(tiny_llama, tiny_tok, more_requests, hp_stop, context_templates, z_layer=2)
+    alone = compute_target_values(tiny_llama, tiny_tok, more_requests, hp_stop, context_templates, z_layer=2,
+                                  requests_per_loop=1)
     assert len(set(some.steps)) > 1
     assert some.forward_rows == alone.forward_rows < everyone.forward_rows
     assert torch.allclose(some.targets, alone.targets, rtol=1e-4, atol=1e-5)
 
 
-def test_shared_delta_mode_gives_one_delta_per_loop(tiny_llama, tiny_tok):
+def test_shared_delta_mode_gives_one_delta_per_loop(tiny_llama, tiny_tok, more_requests, context_templates,
+                                                    ece_hparams):
     hp = ece_hparams("llama", v_num_grad_steps=5, v_stop_loss=1e-9)
-    shared = compute_target_values(tiny_llama, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, z_layer=2,
+    shared = compute_target_values(tiny_llama, tiny_tok, more_requests, hp, context_templates, z_layer=2,
                                    loops=[[0, 1], [2, 3]], shared_delta=True)
     deltas = shared.targets - shared.initial
     assert torch.allclose(deltas[0], deltas[1]) and torch.allclose(deltas[2], deltas[3])
@@ -184,13 +193,14 @@ def test_shared_delta_mode_gives_one_delta_per_loop(tiny_llama, tiny_tok):
 # -- the round ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_columns_outside_the_selection_are_unchanged(arch, request, tiny_tok, stats_dir):
+def test_columns_outside_the_selection_are_unchanged(arch, request, tiny_tok, stats_dir, more_requests, ece_hparams,
+                                                     fixed_context):
     """The explanation reports the sets the solves used; a refinement pass keeps the main pass's sets."""
     model = request.getfixturevalue(f"tiny_{arch}")
     hp = ece_hparams(arch, neuron_threshold=0.5, max_iterations=2, alpha=0.0, upper_bound=1e9)
     before = {l: read_weight(model, hp.rewrite_module(l)).clone() for l in hp.layers}
     state = SequentialState()
-    report = apply_ece_to_model(model, tiny_tok, MORE_REQUESTS, hp, fixed_context(), state, method="AS")
+    report = apply_ece_to_model(model, tiny_tok, more_requests, hp, fixed_context(), state, method="AS")
     explanation = report.explanation
     assert explanation["refinement"] and explanation["scored_after_update"]
     for l in hp.layers:
@@ -209,16 +219,17 @@ def test_columns_outside_the_selection_are_unchanged(arch, request, tiny_tok, st
 
 @pytest.mark.parametrize("after_update", [True, False])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_threshold_one_is_sequential_memit(arch, after_update, request, tiny_tok, stats_dir):
+def test_threshold_one_is_sequential_memit(arch, after_update, request, tiny_tok, stats_dir, more_requests,
+                                           edit_requests, ece_hparams, fixed_context, make_hparams):
     """neuron_threshold = 1.0 selects every neuron, so two ECE rounds equal two MEMIT_seq rounds with one
     target loop per round: same weights and same C_prev, bit for bit, wherever the layers are scored."""
     model = request.getfixturevalue(f"tiny_{arch}")
     twin = copy.deepcopy(model)
     original = read_weight(model, "transformer.h.1.mlp.c_proj" if arch == "gpt2" else "model.layers.1.mlp.down_proj").clone()
     ece_hp = ece_hparams(arch, neuron_threshold=1.0, v_num_grad_steps=6, score_layers_after_update=after_update)
-    memit_hp = make_hparams(arch, v_num_grad_steps=6, z_requests_per_loop=len(REQUESTS))
+    memit_hp = make_hparams(arch, v_num_grad_steps=6, z_requests_per_loop=len(edit_requests))
     ece_state, memit_state = SequentialState(), SequentialState()
-    for round_requests in (REQUESTS, MORE_REQUESTS[3:]):
+    for round_requests in (edit_requests, more_requests[3:]):
         report = apply_ece_to_model(model, tiny_tok, round_requests, ece_hp, fixed_context(), ece_state, method="GA")
         apply_memit_to_model(twin, tiny_tok, round_requests, memit_hp, fixed_context(), memit_state)
         assert report.explanation["n_clusters"] == 1
@@ -228,19 +239,20 @@ def test_threshold_one_is_sequential_memit(arch, after_update, request, tiny_tok
     assert not torch.equal(read_weight(model, ece_hp.rewrite_module(1)), original)
 
 
-def selections_on_the_partly_updated_model(original, edited, tok, hp, method):
+def selections_on_the_partly_updated_model(original, edited, tok, requests, hp, templates, method):
     """Each layer's set recomputed on a copy of ``original`` whose earlier layers carry ``edited``'s weights:
     the model as MEMIT's layer loop has it just before that layer's solve."""
     twin, sets = copy.deepcopy(original), {}
     for l in hp.layers:
-        scores = neuron_scores(twin, tok, MORE_REQUESTS, hp, TEMPLATES, method, layers=[l])[l]
+        scores = neuron_scores(twin, tok, requests, hp, templates, method, layers=[l])[l]
         sets[l] = select_neurons(scores.sum(0), hp.neuron_threshold).tolist()
         get_module(twin, hp.rewrite_module(l)).weight.copy_(get_module(edited, hp.rewrite_module(l)).weight)
     return sets
 
 
 @pytest.mark.parametrize("arch,method", [("gpt2", "AS"), ("llama", "AS"), ("llama", "RS"), ("gpt2", "GA")])
-def test_each_layer_is_scored_after_the_earlier_layers_update(arch, method, request, tiny_tok, stats_dir):
+def test_each_layer_is_scored_after_the_earlier_layers_update(arch, method, request, tiny_tok, stats_dir, more_requests,
+                                                              context_templates, ece_hparams, fixed_context):
     """By default layer l's set is scored on the model whose layers before l carry the round's update, as
     upstream ECE-AS/RS score inside MEMIT's layer loop (AS_main.py:113-125, RS_main.py:113-137);
     score_layers_after_update=False keeps the sets scored once before any update."""
@@ -248,13 +260,14 @@ def test_each_layer_is_scored_after_the_earlier_layers_update(arch, method, requ
     original, once = copy.deepcopy(model), copy.deepcopy(model)
     hp = ece_hparams(arch, layers=[0, 1, 2], neuron_threshold=0.5, v_num_grad_steps=4)
     assert hp.score_layers_after_update  # the default
-    after = apply_ece_to_model(model, tiny_tok, MORE_REQUESTS, hp, fixed_context(), None, method=method).explanation
-    before = apply_ece_to_model(once, tiny_tok, MORE_REQUESTS, replace(hp, score_layers_after_update=False),
+    after = apply_ece_to_model(model, tiny_tok, more_requests, hp, fixed_context(), None, method=method).explanation
+    before = apply_ece_to_model(once, tiny_tok, more_requests, replace(hp, score_layers_after_update=False),
                                 fixed_context(), None, method=method).explanation
     used = lambda explanation: {l: explanation["layers"][str(l)]["selected_neurons"] for l in hp.layers}
     assert after["scored_after_update"] and not before["scored_after_update"]
-    assert used(after) == selections_on_the_partly_updated_model(original, model, tiny_tok, hp, method)
-    scored_once = neuron_scores(original, tiny_tok, MORE_REQUESTS, hp, TEMPLATES, method)
+    assert used(after) == selections_on_the_partly_updated_model(original, model, tiny_tok, more_requests, hp,
+                                                                 context_templates, method)
+    scored_once = neuron_scores(original, tiny_tok, more_requests, hp, context_templates, method)
     assert used(before) == {l: select_neurons(scores.sum(0), 0.5).tolist() for l, scores in scored_once.items()}
     # Nothing is updated before the first layer; the later layers' sets move with the earlier updates.
     assert used(after)[0] == used(before)[0]
@@ -263,14 +276,15 @@ def test_each_layer_is_scored_after_the_earlier_layers_update(arch, method, requ
         assert after["layers"][str(l)]["mass_share"] >= 0.5
 
 
-def test_wi_is_the_same_scored_before_or_after_the_update(tiny_gpt2, tiny_tok, stats_dir):
+def test_wi_is_the_same_scored_before_or_after_the_update(tiny_gpt2, tiny_tok, stats_dir, more_requests, edit_requests,
+                                                          ece_hparams, fixed_context):
     """WI reads only the layer's own weight, which the earlier layers' updates leave alone: two sequential
     rounds with a refinement pass give the same weights, C_prev and sets either way, bit for bit."""
     twin = copy.deepcopy(tiny_gpt2)
     hp = ece_hparams("gpt2", layers=[0, 1, 2], neuron_threshold=0.5, v_num_grad_steps=4, max_iterations=2,
                      alpha=0.0, upper_bound=1e9)
     runs = [(tiny_gpt2, hp, SequentialState()), (twin, replace(hp, score_layers_after_update=False), SequentialState())]
-    for round_requests in (REQUESTS, MORE_REQUESTS[3:]):
+    for round_requests in (edit_requests, more_requests[3:]):
         sets = []
         for model, run_hp, state in runs:
             explanation = apply_ece_to_model(model, tiny_tok, round_requests, run_hp, fixed_context(), state,
@@ -283,17 +297,18 @@ def test_wi_is_the_same_scored_before_or_after_the_update(tiny_gpt2, tiny_tok, s
         assert torch.equal(runs[0][2].prev_moment(l), runs[1][2].prev_moment(l))
 
 
-def test_refinement_reruns_only_requests_in_the_error_band(tiny_llama, tiny_tok, stats_dir):
+def test_refinement_reruns_only_requests_in_the_error_band(tiny_llama, tiny_tok, stats_dir, edit_requests, ece_hparams,
+                                                           fixed_context):
     hp = ece_hparams("llama", max_iterations=3, alpha=0.0, upper_bound=1e9, mom2_update_weight=50.0)
-    report = apply_ece_to_model(tiny_llama, tiny_tok, REQUESTS, hp, fixed_context(), None, method="WI")
+    report = apply_ece_to_model(tiny_llama, tiny_tok, edit_requests, hp, fixed_context(), None, method="WI")
     passes = report.explanation["refinement"]
     assert len(passes) == 2 and all(set(p["case_ids"]) == {0, 1, 2} for p in passes)
     none = ece_hparams("llama", max_iterations=3, alpha=1e8, upper_bound=1e9)
-    report = apply_ece_to_model(tiny_llama, tiny_tok, REQUESTS, none, fixed_context(), None, method="WI")
+    report = apply_ece_to_model(tiny_llama, tiny_tok, edit_requests, none, fixed_context(), None, method="WI")
     assert report.explanation["refinement"] == []
 
 
-def test_hparams_errors_name_the_key():
+def test_hparams_errors_name_the_key(ece_hparams):
     with pytest.raises(HParamsError, match="z_mode"):
         ece_hparams("llama", z_mode="together")
     with pytest.raises(HParamsError, match="neuron_threshold"):
@@ -304,18 +319,18 @@ def test_hparams_errors_name_the_key():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("bos", [False, True])
-def test_prefix_cache_gives_the_same_target_values(arch, bos, request):
+def test_prefix_cache_gives_the_same_target_values(arch, bos, request, more_requests, context_templates, ece_hparams):
     """Tokens before the fact token are computed once; the values must not change."""
     model = request.getfixturevalue(f"tiny_{arch}")
     tok = request.getfixturevalue("tiny_tok_bos" if bos else "tiny_tok")
     threshold_hp = ece_hparams(arch, v_num_grad_steps=1)
-    first = compute_target_values(model, tok, MORE_REQUESTS, threshold_hp, TEMPLATES, z_layer=2).losses
+    first = compute_target_values(model, tok, more_requests, threshold_hp, context_templates, z_layer=2).losses
     hp = ece_hparams(arch, v_num_grad_steps=6, v_stop_loss=float(np.median(first)))  # some stop, some go on
-    full = compute_target_values(model, tok, MORE_REQUESTS, replace(hp, z_below_cache=False), TEMPLATES, z_layer=2,
-                                 prefix_cache=False)
+    full = compute_target_values(model, tok, more_requests, replace(hp, z_below_cache=False), context_templates,
+                                 z_layer=2, prefix_cache=False)
     for prefix_cache, below_cache in [(True, False), (False, True), (True, True)]:
-        cached = compute_target_values(model, tok, MORE_REQUESTS, replace(hp, z_below_cache=below_cache), TEMPLATES,
-                                       z_layer=2, prefix_cache=prefix_cache)
+        cached = compute_target_values(model, tok, more_requests, replace(hp, z_below_cache=below_cache),
+                                       context_templates, z_layer=2, prefix_cache=prefix_cache)
         assert torch.allclose(cached.initial, full.initial, rtol=1e-4, atol=1e-5)
         assert torch.allclose(cached.targets, full.targets, rtol=1e-4, atol=1e-5)
         assert cached.steps == full.steps and len(set(cached.steps)) > 1
@@ -323,7 +338,7 @@ def test_prefix_cache_gives_the_same_target_values(arch, bos, request):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_layers_below_the_edit_run_once_per_loop(arch, request):
+def test_layers_below_the_edit_run_once_per_loop(arch, request, more_requests, context_templates, ece_hparams):
     """With z_below_cache the layers up to z_layer run once per loop, the layers above once per step;
     the skipped modules' own forward comes back afterwards."""
     model = request.getfixturevalue(f"tiny_{arch}")
@@ -336,9 +351,9 @@ def test_layers_below_the_edit_run_once_per_loop(arch, request):
     try:
         for below_cache in (True, False):
             calls.update({i: 0 for i in calls})
-            compute_target_values(model, tok, MORE_REQUESTS, replace(hp, z_below_cache=below_cache), TEMPLATES,
+            compute_target_values(model, tok, more_requests, replace(hp, z_below_cache=below_cache), context_templates,
                                   z_layer=2, requests_per_loop=2)
-            loops = -(-len(MORE_REQUESTS) // 2)
+            loops = -(-len(more_requests) // 2)
             # the prefix pass, then (with the cache) one recording pass, or else one pass per step
             below = loops * (2 if below_cache else 1 + hp.v_num_grad_steps)
             assert calls == {0: below, 2: below, 3: loops * (1 + hp.v_num_grad_steps)}
@@ -373,7 +388,7 @@ def test_shipped_ece_hparams_load_with_the_paper_values(method):
     assert small.layers == [3, 4, 5, 6, 7] and small.mom2_update_weight == 1500  # tuned on 200 records
 
 
-def test_gradient_attribution_matches_a_manual_unpadded_gradient(tiny_gpt2, tiny_tok_bos):
+def test_gradient_attribution_matches_a_manual_unpadded_gradient(tiny_gpt2, tiny_tok_bos, edit_requests, ece_hparams):
     """Batched, left-padded GA equals |k * dlog p(true)/dk| computed for each prompt alone (GPT-2: absolute
     positions, so a padding mistake would show)."""
     from editing.keys import fact_token_index
@@ -382,9 +397,9 @@ def test_gradient_attribution_matches_a_manual_unpadded_gradient(tiny_gpt2, tiny
 
     hp = ece_hparams("gpt2")
     templates = [["{}"]]
-    batched = neuron_scores(tiny_gpt2, tiny_tok_bos, REQUESTS, hp, templates, "GA")
+    batched = neuron_scores(tiny_gpt2, tiny_tok_bos, edit_requests, hp, templates, "GA")
     layer = hp.layers[0]
-    for j, r in enumerate(REQUESTS):
+    for j, r in enumerate(edit_requests):
         prompt = prompt_ids(tiny_tok_bos, r["prompt"].format(r["subject"]))
         truth = target_ids(tiny_tok_bos, r["target_true"]["str"])
         fact = fact_token_index(tiny_tok_bos, r["prompt"], r["subject"], hp.fact_token)

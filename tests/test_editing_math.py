@@ -13,11 +13,6 @@ from util.weights import read_weight
 
 from baselines.memit import apply_memit_to_model
 
-# Kept importable for tests/test_ece.py, which still imports them from here; remove once it takes the
-# conftest fixtures (edit_requests, context_templates, make_hparams, stats_dir).
-from tests.conftest import TINY_REQUESTS as REQUESTS, TINY_TEMPLATES as TEMPLATES  # noqa: E402, F401
-from tests.conftest import stats_dir, tiny_hparams as make_hparams  # noqa: E402, F401
-
 
 def test_least_squares_delta_solves_the_normal_equations():
     torch.manual_seed(0)

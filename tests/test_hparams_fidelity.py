@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from util.paths import REPO_ROOT
 
 HPARAMS = REPO_ROOT / "hparams"
 ABSENT = object()  # a reference key our file leaves out
