@@ -7,7 +7,7 @@ Each algorithm starts from a fresh copy of the model (reloaded from the local ca
 statistics and the context templates, and applies ``--rounds`` rounds of ``--num_edits`` edits one
 after another (with C_prev where the method keeps it). Recorded per algorithm: seconds per stage (the
 statistics, templates, explain, cluster, target values, update, and the evaluation kept apart),
-seconds per round, edits per second, peak memory, target-value loops and tokens, and efficacy /
+seconds per round, edits per second, peak memory, target-value loops, steps per fact and tokens, and efficacy /
 generalization / specificity of all edited cases on the final model.
 
 An algorithm may carry hparams overrides, ``NAME:key=value:key=value`` (JSON values, parsed as
@@ -125,7 +125,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
     model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
     state = SequentialState(track_prev_moments=algorithm.keeps_prev_moments) if algorithm.uses_sequential_state else None
     seconds: Dict[str, float] = {}
-    round_seconds, loops, tokens, clusters = [], 0, 0, []
+    round_seconds, loops, tokens, clusters, steps = [], 0, 0, [], []
     requests = [record_to_request(r) for r in records]
     rounds = [requests[i : i + args.num_edits] for i in range(0, len(requests), args.num_edits)]
     with PeakMemory() as memory:
@@ -140,6 +140,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
                 seconds[stage] = seconds.get(stage, 0.0) + value
             loops += report.target_loops
             tokens += report.target_forward_tokens
+            steps += report.target_steps
             if "n_clusters" in report.extra:
                 clusters.append(report.extra["n_clusters"])
         if algorithm.finish is not None and state is not None:
@@ -160,6 +161,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
         "edits_per_second": len(records) / total,
         "peak_memory_mb": memory.rss_mb, "peak_cuda_memory_mb": memory.cuda_mb,
         "target_loops": loops, "target_forward_tokens": tokens,
+        "mean_target_steps": sum(steps) / len(steps) if steps else None,
         "target_gflops_per_second": flops / z_seconds / 1e9 if z_seconds else None,
         "n_clusters": clusters or None, "hparams_overrides": overrides,
         **edit_quality(case_metrics),
@@ -173,6 +175,7 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
         (r for r in rows if parse_algorithm_spec(r["alg"])[0] == "MEMIT"), rows[0])
     width = max(len(r["alg"]) for r in rows) + 2
     header = (f"{'algorithm':<{width}}{'s/round':>9}{'x MEMIT':>8}{'z s':>8}{'upd s':>7}{'edit/s':>8}{'loops':>6}"
+              f"{'steps':>6}"
               f"{'GF/s z':>8}{'% mm':>6}{'peak MB':>9}{'Eff':>6}{'Gen':>6}{'Spe':>6}")
     print(header)
     print("-" * len(header))
@@ -181,9 +184,11 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
         fmt = lambda v: f"{v:6.1f}" if v is not None else "     -"
         print(f"{r['alg']:<{width}}{r['round_seconds']:9.1f}{reference['round_seconds'] / r['round_seconds']:8.2f}"
               f"{r['z_seconds']:8.1f}{r['update_seconds']:7.1f}{r['edits_per_second']:8.3f}{r['target_loops']:6d}"
+              f"{r['mean_target_steps'] or 0.0:6.1f}"
               f"{rate:8.1f}{100 * rate / matmul_gflops:6.1f}{r['peak_memory_mb']:9.0f}"
               f"{fmt(r['efficacy'])}{fmt(r['generalization'])}{fmt(r['specificity'])}")
-    print(f"plain matmul: {matmul_gflops:.1f} GFLOP/s ('% mm': target-value rate as a share of it; "
+    print(f"plain matmul: {matmul_gflops:.1f} GFLOP/s ('steps': optimisation steps per fact; "
+          f"'% mm': target-value rate as a share of it; "
           f"x MEMIT: {reference['alg']}'s seconds per round / this row's)")
 
 
