@@ -19,7 +19,9 @@ from dsets.data_files import (
     find_data_file,
     locate_data_file,
 )
+from dsets.easyedit import CF_EASYEDIT_DATASETS, EasyEditCounterFactDataset, convert_easyedit_counterfact_record
 from dsets.knowns import KnownsDataset
+from dsets.skipped import SkippedRecords, UnusableRecord
 from dsets.tfidf_stats import (
     TfidfVectors,
     cached_tfidf_vectors,
@@ -33,18 +35,23 @@ __all__ = [
     "PUBLISHED_SOURCE",
     "SUBSTITUTE_SOURCE",
     "AttributeSnippets",
+    "CF_EASYEDIT_DATASETS",
     "ConsistencyResources",
     "CounterFactDataset",
     "DATA_URLS",
     "DataFileNotFoundError",
     "DataFormatError",
+    "EasyEditCounterFactDataset",
     "KnownsDataset",
     "MENDQADataset",
     "MultiCounterFactDataset",
+    "SkippedRecords",
     "TfidfVectors",
+    "UnusableRecord",
     "cached_tfidf_vectors",
     "consistency_resources",
     "consistency_unavailable_reason",
+    "convert_easyedit_counterfact_record",
     "convert_zsre_record",
     "counterfact_reference_entries",
     "data_dir_candidates",

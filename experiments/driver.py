@@ -85,14 +85,52 @@ def effective_hparams_file(path: Path, overrides: Optional[dict]) -> dict:
     return {**read_hparams_file(path), **(overrides or {})}
 
 
-def load_records(ds_name: str, data_dir: Optional[str], limit: Optional[int]):
-    from dsets import CounterFactDataset, MENDQADataset
+# --ds_name choices and what each one reads.
+DATASETS = {
+    "mcf": "MultiCounterFact, MEMIT format (multi_counterfact.json)",
+    "cf": "CounterFact, MEMIT format (counterfact.json)",
+    "zsre": "zsRE, MEND/MEMIT or EasyEdit format (zsre_mem_eval.json or zsre_mend_eval.json)",
+    "cf_easyedit": "CounterFact in EasyEdit's format: counterfact_easyedit/counterfact-train.json, then -val.json",
+    "cf_easyedit_train": "counterfact_easyedit/counterfact-train.json only",
+    "cf_easyedit_val": "counterfact_easyedit/counterfact-val.json only",
+}
+
+
+class Records(list):
+    """The records of a run, in order, with what the loader left out: ``skipped`` is ``None`` or
+    ``{"count", "by_kind"}`` (see ``dsets.skipped``), for params.json."""
+
+    skipped: Optional[dict] = None
+
+
+def load_records(ds_name: str, data_dir: Optional[str], limit: Optional[int]) -> Records:
+    """The first ``limit`` usable records of a dataset (all when None).
+
+    MEMIT-format CounterFact files must be valid throughout (a bad record raises); EasyEdit-format files and
+    zsRE are read leniently, a record that cannot be used being reported and skipped. A ``limit`` above the
+    number of usable records is a :class:`RunError`, never a silently shorter run.
+    """
+    from dsets import CF_EASYEDIT_DATASETS, CounterFactDataset, EasyEditCounterFactDataset, MENDQADataset
 
     if ds_name in ("mcf", "cf"):
-        return list(CounterFactDataset(data_dir, multi=ds_name == "mcf", size=limit))
-    if ds_name == "zsre":
-        return list(MENDQADataset(data_dir, size=limit))
-    raise RunError(f"unknown dataset '{ds_name}'; use mcf, cf or zsre")
+        dataset = CounterFactDataset(data_dir, multi=ds_name == "mcf", size=limit)
+        usable, sources, skipped = len(dataset), str(dataset.path), None
+    elif ds_name == "zsre":
+        dataset = MENDQADataset(data_dir, size=limit, skip_invalid=True)
+        usable, sources, skipped = dataset.usable, str(dataset.path), dataset.skipped
+    elif ds_name in CF_EASYEDIT_DATASETS:
+        dataset = EasyEditCounterFactDataset(data_dir, ds_name, size=limit)
+        usable, sources, skipped = dataset.usable, " + ".join(str(p) for p in dataset.paths), dataset.skipped
+    else:
+        raise RunError(f"unknown dataset '{ds_name}'; use one of {', '.join(DATASETS)}")
+    if limit is not None and usable < limit:
+        left_out = f", {len(skipped)} more skipped as unusable (see the warnings above)" if skipped else ""
+        raise RunError(f"{limit} records asked for but {ds_name} has only {usable} usable records ({sources}"
+                       f"{left_out}). Ask for at most {usable} (--dataset_size_limit {usable}) or use a larger "
+                       "dataset.")
+    records = Records(dataset)
+    records.skipped = skipped.to_dict() if skipped is not None else None
+    return records
 
 
 def record_to_request(record: dict) -> dict:
@@ -167,6 +205,7 @@ class Evaluator:
         self.ds_name, self.skip_generation, self.interval, self.batch_size = ds_name, skip_generation, interval, batch_size
         self.generation = GenerationProtocol(generation_protocol, seed=seed)
         self.consistency = ConsistencyResources(None, None, None)
+        self._told_no_generation_prompts = False
         if ds_name in ("mcf", "cf") and not skip_generation:
             from dsets import consistency_resources
 
@@ -180,6 +219,13 @@ class Evaluator:
         from experiments.eval_counterfact import compute_rewrite_quality_counterfact
 
         skip = self.skip_generation or (record["case_id"] % self.interval != 0)
+        if not skip and not record.get("generation_prompts"):
+            skip = True
+            if not self._told_no_generation_prompts:
+                self._told_no_generation_prompts = True
+                LOG.warning("%s records have no generation_prompts: no fluency or consistency metrics for "
+                            "them (their case files have no 'text', 'ngram_entropy' or 'reference_score')",
+                            self.ds_name)
         return compute_rewrite_quality_counterfact(
             model, tok, record, self.consistency.snippets, self.consistency.vectors, skip_generation=skip,
             generation_protocol=self.generation, consistency_source=self.consistency.source,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from editing.context import EditContext  # noqa: E402
 from editing.sequential import SequentialState  # noqa: E402
 from experiments.algorithms import algorithm_names, get_algorithm  # noqa: E402
-from experiments.driver import (STAGE_LABELS, DownstreamSchedule, Evaluator, RunError,  # noqa: E402,F401
+from experiments.driver import (DATASETS, STAGE_LABELS, DownstreamSchedule, Evaluator, RunError,  # noqa: E402,F401
                                 case_path, continue_run_dir, effective_hparams_file, explanation_path,
                                 check_algorithm_name, load_hparams, load_records, record_to_request,
                                 resolve_hparams_path, save_sequential_state, set_seed, start_run_dir, state_edits)
@@ -62,8 +62,10 @@ def parse_args(argv=None):
     parser.add_argument("--hparams", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override values of the hyperparameter file, e.g. --hparams v_lr=0.1 layers=[3,4] "
                              "(JSON values, else strings)")
-    parser.add_argument("--ds_name", choices=["mcf", "cf", "zsre"], default="mcf")
-    parser.add_argument("--dataset_size_limit", type=int, default=None, help="edit the first N records")
+    parser.add_argument("--ds_name", choices=list(DATASETS), default="mcf",
+                        help="; ".join(f"{name}: {what}" for name, what in DATASETS.items()))
+    parser.add_argument("--dataset_size_limit", type=int, default=None,
+                        help="edit the first N usable records (an error if the dataset has fewer)")
     parser.add_argument("--num_edits", type=int, default=1, help="records edited together in one round")
     parser.add_argument("--continue_from_run", default=None, help="resume results/<ALG>/run_NNN")
     parser.add_argument("--skip_generation_tests", action="store_true", help="no fluency/consistency")
@@ -124,6 +126,7 @@ def main(argv=None) -> Path:
         "device": args.device, "dtype": args.dtype,
         "device_map": args.device_map, "hparams": hparams.to_dict(), "evaluation_stages": STAGE_LABELS,
         "downstream_eval_steps": args.downstream_eval_steps, "argv": sys.argv if argv is None else list(argv),
+        "dataset_skipped": getattr(records, "skipped", None),
         "torch_version": torch.__version__,
     }
     alg_dir = Path(args.results_dir or get_paths().results_dir) / algorithm.name
