@@ -15,6 +15,10 @@ An algorithm may carry hparams overrides, ``NAME:key=value:key=value`` (JSON val
 ``MEMIT:z_prefix_cache=false`` for the published cost of MEMIT's target values. The "distance to the
 limit" columns compare the floating-point rate of the target-value stage with a plain large matrix
 multiplication on the same machine, measured in the same run.
+
+``--model_name random:gpt2-xl`` or ``random:llama3-8b`` (``util.random_models``) measures the seconds and
+memory at the paper's sizes with random weights, where the real weights cannot be fetched; the shipped
+``gpt2-xl.json`` / ``Llama3-8B.json`` hparams are the default, and the edit quality of such a run means nothing.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hooks import get_module  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
+from util.random_models import is_random_model_name, random_model_hparams_fname  # noqa: E402
 
 LOG = logging.getLogger("benchmark")
 
@@ -112,6 +117,25 @@ def target_flops_per_token(model, hparams) -> float:
     return 2.0 * per_layer * (forward_layers + backward_layers)
 
 
+def default_hparams_fname(model_name: str) -> str:
+    """``<model_name>.json``; a random-weight model uses the file of the real model it copies."""
+    return random_model_hparams_fname(model_name) if is_random_model_name(model_name) else f"{model_name}.json"
+
+
+def model_shape(model) -> dict:
+    """The sizes the measurement ran at, read from the model itself (a random model's name could lie)."""
+    config = model.config
+    heads = config.num_attention_heads
+    first = next(model.parameters())
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "mlp": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+            or 4 * config.hidden_size,
+            "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "vocab": model.get_output_embeddings().weight.shape[0],
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(first.dtype).replace("torch.", ""),
+            "device": str(first.device)}
+
+
 def edit_quality(case_metrics: List[dict]) -> Dict[str, Optional[float]]:
     summary = summarize_stage(case_metrics, COUNTERFACT, "final")
     return {m: (summary[m]["mean"] if summary[m] else None) for m in ("efficacy", "generalization", "specificity")}
@@ -120,7 +144,7 @@ def edit_quality(case_metrics: List[dict]) -> Dict[str, Optional[float]]:
 def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case: Evaluator) -> dict:
     name, overrides = parse_algorithm_spec(spec)
     algorithm = get_algorithm(name)
-    hparams_path = resolve_hparams_path(algorithm, args.hparams_fname or f"{args.model_name}.json")
+    hparams_path = resolve_hparams_path(algorithm, args.hparams_fname or default_hparams_fname(args.model_name))
     hparams = load_hparams(algorithm, hparams_path, overrides)
     model, tok = load_model_and_tokenizer(args.model_name, args.device, args.dtype)
     state = SequentialState(track_prev_moments=algorithm.keeps_prev_moments) if algorithm.uses_sequential_state else None
@@ -164,6 +188,10 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
         "mean_target_steps": sum(steps) / len(steps) if steps else None,
         "target_gflops_per_second": flops / z_seconds / 1e9 if z_seconds else None,
         "n_clusters": clusters or None, "hparams_overrides": overrides,
+        "hparams": {"file": str(hparams_path), "v_num_grad_steps": hparams.v_num_grad_steps,
+                    "v_stop_loss": hparams.v_stop_loss, "mom2_dataset": hparams.mom2_dataset,
+                    "mom2_keys_per_dimension": hparams.mom2_keys_per_dimension},
+        "model_shape": model_shape(model),
         **edit_quality(case_metrics),
     }
     del model
@@ -195,7 +223,8 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
 def parse_args(argv=None):
     parser = script_parser(__doc__, results_file=True)
     parser.add_argument("--algs", required=True, help="comma-separated, e.g. MEMIT,ECE_WI,MEMIT:z_prefix_cache=false")
-    parser.add_argument("--hparams_fname", default=None, help="default <model_name>.json in each hparams/<ALG>/")
+    parser.add_argument("--hparams_fname", default=None,
+                        help="default <model_name>.json in each hparams/<ALG>/ (random:gpt2-xl: gpt2-xl.json)")
     parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
     parser.add_argument("--num_edits", type=int, default=100, help="edits per round")
     parser.add_argument("--rounds", type=int, default=1)
@@ -224,13 +253,17 @@ def main(argv=None) -> dict:
                     "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                     "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__},
         "model": args.model_name, "ds_name": args.ds_name, "num_edits": args.num_edits, "rounds": args.rounds,
-        "seed": args.seed, "matmul_gflops_per_second": matmul, "rows": [],
+        "seed": args.seed, "matmul_gflops_per_second": matmul, "dtype": args.dtype,
+        # A random-weight model (util.random_models): the seconds and memory hold, edit quality means nothing.
+        "random_weights": is_random_model_name(args.model_name), "rows": [],
     }
     for spec in tqdm(specs, desc="algorithms", unit="alg"):
         result["rows"].append(run_algorithm(spec, args, records, context, evaluate_case))
         if args.out:  # after every algorithm, so a crash later loses nothing
             atomic_write_json(Path(args.out), result, indent=2)
     print_table(result["rows"], matmul)
+    if result["random_weights"]:
+        print(f"{args.model_name} has RANDOM weights: seconds and memory only, Eff/Gen/Spe mean nothing")
     return result
 
 

@@ -26,6 +26,7 @@ import torch
 
 from util.errors import ECEError, SettingError
 from util.paths import get_paths
+from util.random_models import is_random_model_name, load_random_model_and_tokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -180,7 +181,8 @@ def _unknown_model_message(model_name: str, reason: str) -> str:
     return (
         f"unknown model '{model_name}' ({reason}). Embedded models: {embedded}. Otherwise give a Hugging Face "
         "hub id (e.g. 'gpt2-xl', 'meta-llama/Meta-Llama-3-8B'; needs network access or a filled HF cache) "
-        "or the path of a local directory saved with save_pretrained."
+        "or the path of a local directory saved with save_pretrained. For speed and memory measurements "
+        "only: 'random:gpt2-xl' or 'random:llama3-8b' (the architecture with random weights)."
     )
 
 
@@ -192,6 +194,9 @@ def load_model_and_tokenizer(
 ):
     """Return ``(model, tokenizer)`` in eval mode, gradients off, with a pad token set.
 
+    ``random:gpt2-xl`` / ``random:llama3-8b`` (see :mod:`util.random_models`) build a published architecture
+    with random weights, for speed and memory measurements only.
+
     ``device_map`` (e.g. ``"auto"``) shards a large model over several GPUs with accelerate; then
     ``device`` is ignored and every tensor must follow its weight's device.
     """
@@ -199,17 +204,22 @@ def load_model_and_tokenizer(
 
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
-    source = resolve_model_source(model_name)
-    kwargs = {"dtype": torch_dtype}
-    if device_map:
-        kwargs["device_map"] = device_map
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise ModelNotFoundError(_unknown_model_message(model_name, str(e).splitlines()[0])) from e
-    if not device_map:
-        model.to(device)
+    if is_random_model_name(model_name):  # speed and memory measurements only (util.random_models)
+        if device_map:
+            raise SettingError(f"'{model_name}' is built on one device; device_map is not supported for it")
+        model, tok = load_random_model_and_tokenizer(model_name, device, torch_dtype)
+    else:
+        source = resolve_model_source(model_name)
+        kwargs = {"dtype": torch_dtype}
+        if device_map:
+            kwargs["device_map"] = device_map
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as e:
+            raise ModelNotFoundError(_unknown_model_message(model_name, str(e).splitlines()[0])) from e
+        if not device_map:
+            model.to(device)
     model.eval()
     model.requires_grad_(False)
     make_output_head_input_contiguous(model)
