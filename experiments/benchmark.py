@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from editing.context import EditContext  # noqa: E402
 from editing.sequential import SequentialState  # noqa: E402
 from experiments.algorithms import get_algorithm  # noqa: E402
-from experiments.driver import (Evaluator, RunError, check_algorithm_name, load_hparams, load_records,  # noqa: E402
-                                parse_algorithm_spec, record_to_request, resolve_hparams_path, set_seed)
+from experiments.driver import (COUNTERFACT_DATASETS, Evaluator, RunError, check_algorithm_name,  # noqa: E402
+                                load_hparams, load_records, parse_algorithm_spec, record_to_request,
+                                resolve_hparams_path, set_seed)
 from experiments.metrics import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hooks import get_module  # noqa: E402
@@ -225,7 +226,7 @@ def parse_args(argv=None):
     parser.add_argument("--algs", required=True, help="comma-separated, e.g. MEMIT,ECE_WI,MEMIT:z_prefix_cache=false")
     parser.add_argument("--hparams_fname", default=None,
                         help="default <model_name>.json in each hparams/<ALG>/ (random:gpt2-xl: gpt2-xl.json)")
-    parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
+    parser.add_argument("--ds_name", choices=COUNTERFACT_DATASETS, default="mcf")
     parser.add_argument("--num_edits", type=int, default=100, help="edits per round")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

@@ -94,6 +94,8 @@ DATASETS = {
     "cf_easyedit_train": "counterfact_easyedit/counterfact-train.json only",
     "cf_easyedit_val": "counterfact_easyedit/counterfact-val.json only",
 }
+# The datasets scored with CounterFact's metrics (what the benchmark and the profiler edit).
+COUNTERFACT_DATASETS = [name for name in DATASETS if name != "zsre"]
 
 
 class Records(list):

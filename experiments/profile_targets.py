@@ -31,7 +31,8 @@ from editing.context import EditContext  # noqa: E402
 from editing.target_values import compute_target_values  # noqa: E402
 from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.benchmark import matmul_rate  # noqa: E402
-from experiments.driver import RunError, load_hparams, load_records, record_to_request, resolve_hparams_path  # noqa: E402
+from experiments.driver import (COUNTERFACT_DATASETS, RunError, load_hparams, load_records, record_to_request,  # noqa: E402
+                                resolve_hparams_path)
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import default_device, load_model_and_tokenizer, parse_dtype  # noqa: E402
@@ -118,7 +119,7 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
 def parse_args(argv=None):
     parser = script_parser(__doc__, results_file=True)
     parser.add_argument("--hparams_fname", default=None, help="MEMIT hparams (default <model_name>.json)")
-    parser.add_argument("--ds_name", choices=["mcf", "cf"], default="mcf")
+    parser.add_argument("--ds_name", choices=COUNTERFACT_DATASETS, default="mcf")
     parser.add_argument("--num_edits", type=int, default=20)
     parser.add_argument("--per_fact_sample", type=int, default=4, help="facts profiled in one loop each")
     parser.add_argument("--steps", type=int, default=5, help="optimisation steps per loop (early stopping off)")
