@@ -35,6 +35,7 @@ from experiments.driver import (DATASETS, STAGE_LABELS, DownstreamSchedule, Eval
                                 case_path, continue_run_dir, effective_hparams_file, explanation_path,
                                 check_algorithm_name, load_hparams, load_records, record_to_request,
                                 resolve_hparams_path, save_sequential_state, set_seed, start_run_dir, state_edits)
+from experiments.progress import RunClock  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hparams import parse_overrides  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
@@ -158,22 +159,31 @@ def main(argv=None) -> Path:
 
     rounds = [list(range(i, min(i + args.num_edits, len(records)))) for i in range(0, len(records), args.num_edits)]
     downstream = DownstreamSchedule(args.downstream_eval_steps, run_dir, args.downstream_examples, args.data_dir)
-    downstream.maybe_run(model, tok, rounds_done=0, edit_count=0)
-    for round_index, members in enumerate(tqdm(rounds, desc=f"{algorithm.name} rounds", unit="round")):
+    clock = RunClock(run_dir / "timing.json", len(rounds), len(records),
+                     final_evaluation=sequential and not args.skip_final_eval)
+    with clock.stage("downstream"):
+        downstream.maybe_run(model, tok, rounds_done=0, edit_count=0)
+    progress = tqdm(rounds, desc=f"{algorithm.name} rounds", unit="round")
+    for round_index, members in enumerate(progress):
         paths = [case_path(run_dir, args.num_edits, records[i]["case_id"]) for i in members]
         if (sequential and round_index < rounds_done) or (not sequential and all(p.exists() for p in paths)):
             continue
+        round_start = time.perf_counter()
         round_requests = [requests[i] for i in members]
-        with temporarily_loaded(model, original_weights):
+        with clock.stage("pre"), temporarily_loaded(model, original_weights):
             pre = [evaluate_case(model, tok, records[i]) for i in members]
         set_seed(args.seed + round_index)
         start = time.perf_counter()
-        report = algorithm.apply(model, tok, round_requests, hparams, context, state)
+        with clock.stage("edit"):
+            report = algorithm.apply(model, tok, round_requests, hparams, context, state)
         edit_seconds = time.perf_counter() - start
         LOG.info("round %d: %d edits in %.1fs %s", round_index, len(members), edit_seconds, report.seconds)
         if report.explanation is not None:
             atomic_write_json(explanation_path(run_dir, round_index), {"round": round_index, **report.explanation})
-        post = [evaluate_case(model, tok, records[i]) for i in members]
+        post_start = time.perf_counter()
+        with clock.stage("post"):
+            post = [evaluate_case(model, tok, records[i]) for i in members]
+        post_seconds = time.perf_counter() - post_start
         for i, path, pre_metrics, post_metrics in zip(members, paths, pre, post):
             atomic_write_json(path, {
                 "case_id": records[i]["case_id"],
@@ -187,10 +197,16 @@ def main(argv=None) -> Path:
                 "post": post_metrics,
             })
         if sequential:
-            downstream.maybe_run(model, tok, rounds_done=round_index + 1, edit_count=state_edits(rounds, round_index))
+            with clock.stage("downstream"):
+                downstream.maybe_run(model, tok, rounds_done=round_index + 1,
+                                     edit_count=state_edits(rounds, round_index))
             save_sequential_state(state_file, model, edited_modules, state, rounds_done=round_index + 1)
         else:
             load_weights(model, original_weights)
+        edits_done = sum(len(r) for r in rounds[:round_index + 1])
+        progress.set_postfix_str(f"{edits_done}/{len(records)} edits")
+        LOG.info(clock.round_done(round_index + 1, edits_done, time.perf_counter() - round_start, len(members),
+                                  post_seconds))
 
     if sequential and algorithm.finish is not None and state is not None and not state.finished:
         finished = algorithm.finish(model, hparams, state)
@@ -198,12 +214,14 @@ def main(argv=None) -> Path:
         LOG.info("%s after the last round: %s", algorithm.name, finished)
         save_sequential_state(state_file, model, edited_modules, state, rounds_done=len(rounds))
     if sequential and not args.skip_final_eval:
-        for record in tqdm(records, desc="final evaluation", unit="case"):
-            path = case_path(run_dir, args.num_edits, record["case_id"])
-            case = json.loads(path.read_text())
-            if "final" not in case:
-                case["final"] = evaluate_case(model, tok, record)
-                atomic_write_json(path, case)
+        with clock.stage("final"):
+            for record in tqdm(records, desc="final evaluation", unit="case"):
+                path = case_path(run_dir, args.num_edits, record["case_id"])
+                case = json.loads(path.read_text())
+                if "final" not in case:
+                    case["final"] = evaluate_case(model, tok, record)
+                    atomic_write_json(path, case)
+        clock.save()
     LOG.info("done: %s", run_dir)
     return run_dir
 

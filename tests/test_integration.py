@@ -252,6 +252,34 @@ def test_sequential_protocol_and_downstream_schedule(tiny_run, monkeypatch, tiny
     assert counts == [0, 1, 2]
 
 
+def test_progress_lines_and_stage_times_accumulate_over_a_resume(tiny_run, monkeypatch, caplog, tmp_path):
+    """Each round logs how far the run is; timing.json holds the seconds of every stage, and a resumed
+    run adds its own to those the interrupted one measured."""
+    stand_in = StandIn(monkeypatch)
+    stand_in.crash_at = 3
+    args = ("--dataset_size_limit", "3", "--num_edits", "1", "--downstream_eval_steps", "2",
+            "--downstream_examples", "2")
+    with caplog.at_level("INFO", logger="evaluate"), pytest.raises(KeyboardInterrupt):
+        tiny_run(*args)
+    (run_dir,) = (tmp_path / "results" / "MEMIT").glob("run_*")
+    lines = [r.getMessage() for r in caplog.records if " done: " in r.getMessage()]
+    assert [line.split(";")[0] for line in lines] == ["round 1/3 done: 1/3 edits", "round 2/3 done: 2/3 edits"]
+    assert all(line.endswith(" left") for line in lines)
+    before = json.loads((run_dir / "timing.json").read_text())["seconds"]
+    assert set(before) == {"pre", "edit", "post", "downstream", "final"}
+    assert before["downstream"] > 0 and before["pre"] > 0 and before["post"] > 0 and before["final"] == 0
+
+    stand_in.crash_at = None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="evaluate"):
+        tiny_run(*args, "--continue_from_run", run_dir.name)
+    after = json.loads((run_dir / "timing.json").read_text())["seconds"]
+    assert all(after[stage] >= before[stage] for stage in before)
+    assert after["pre"] > before["pre"] and after["final"] > 0
+    assert [r.getMessage().split(";")[0] for r in caplog.records if " done: " in r.getMessage()] == [
+        "round 3/3 done: 3/3 edits"]
+
+
 # -- The methods on the embedded model -------------------------------------------------------------------
 
 @pytest.mark.slow
