@@ -57,7 +57,8 @@ def states_at_fact_tokens(
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Inputs of ``inputs_of`` and outputs of ``outputs_of`` at the fact token of each prompt.
 
-    One forward per batch for all modules, stopping after the last of them. Returns two dicts
+    One forward per batch for all modules, stopping after the last of them, over each prompt's tokens up
+    to its fact token only: in a causal model the tokens after it change nothing there. Returns two dicts
     ``{module: [n_prompts, d]}`` (inputs, outputs), each tensor on its module's device.
     """
     device = model_device(model)
@@ -67,7 +68,8 @@ def states_at_fact_tokens(
     outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in outputs_of}
     for batch in chunks(pairs, batch_size):
         index = torch.tensor([fact_token_index(tok, t, s, fact_token) for t, s in batch])
-        ids, mask = pad_batch(tok, [prompt_ids(tok, t.format(s)) for t, s in batch], device=device)
+        rows = [prompt_ids(tok, t.format(s))[: int(i) + 1] for (t, s), i in zip(batch, index)]
+        ids, mask = pad_batch(tok, rows, device=device)
         with TraceDict(model, names, retain_input=bool(inputs_of), retain_output=bool(outputs_of), stop=True) as traces:
             model(input_ids=ids, attention_mask=mask, **hidden_states_only_kwargs(model))
         for store, attr in ((inputs, "input"), (outputs, "output")):

@@ -85,6 +85,28 @@ def test_states_at_fact_tokens_do_not_depend_on_batching(tiny_llama, tiny_tok_bo
         assert torch.allclose(together[name][i], alone[name][0], atol=1e-5)
 
 
+@pytest.mark.parametrize("fact_token", ["subject_last", "subject_first"])
+def test_states_at_fact_tokens_equal_a_forward_over_the_whole_prompt(tiny_gpt2, tiny_tok_bos, fact_token):
+    """The rows stop at the fact token; in a causal model the later tokens change nothing there."""
+    from util.hooks import TraceDict
+
+    templates = ["{} is in the city of", "The famous tower called {} stands in the city of"]
+    subjects = ["Eiffel Tower", "Big Ben"]
+    mlp, block = "transformer.h.2.mlp.c_proj", "transformer.h.3"
+    inputs, outputs = states_at_fact_tokens(tiny_gpt2, tiny_tok_bos, templates, subjects, fact_token,
+                                            inputs_of=[mlp], outputs_of=[block])
+    for i, (template, subject) in enumerate(zip(templates, subjects)):
+        ids = torch.tensor([tiny_tok_bos(template.format(subject))["input_ids"]])
+        position = fact_token_index(tiny_tok_bos, template, subject, fact_token)
+        assert position < ids.shape[1] - 1  # tokens follow the fact token
+        with TraceDict(tiny_gpt2, [mlp, block], retain_input=True) as traces:
+            tiny_gpt2(input_ids=ids)
+        assert torch.allclose(inputs[mlp][i], traces[mlp].input[0, position], atol=1e-5)
+        block_output = traces[block].output
+        block_output = block_output[0] if isinstance(block_output, tuple) else block_output
+        assert torch.allclose(outputs[block][i], block_output[0, position], atol=1e-5)
+
+
 def test_pad_batch_sides(tiny_tok):
     ids, mask = pad_batch(tiny_tok, [[5, 6, 7], [8]], side="left")
     assert ids[1].tolist()[-1] == 8 and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
