@@ -23,6 +23,11 @@ the last round of a sequential run).
   (the metric is left empty, with a warning and a note).
 * zsRE (``*_prompts_correct``: per prompt a list of per-token booleans), per case: accuracy = mean over prompts
   of the prompt's mean token correctness.
+* Free generation, both datasets (``*_prompts_generated_correct``, experiments/free_generation.py): per case the
+  share of rewrite / paraphrase / neighbourhood prompts whose greedy answer begins with the expected target
+  (``target_new``; ``target_true`` for neighbourhood prompts) and does not name the competing one after it:
+  the columns "Eff. free", "Gen. free", "Spec. free". Runs evaluated before the metric existed show "-".
+  The JSON also has CounterFact's teacher-forced top-1 rates (``efficacy_top1`` ...: every target token top-1).
 * Per run and stage: the mean over cases and the 95% interval ``mean +- 1.96 * std / sqrt(n)`` (``std`` is
   the sample standard deviation, ``ddof=1``; no interval for a single case), all in percent. Fluency and
   Consistency are multiplied by 100 too, the scale of the MEMIT / AlphaEdit / ECE tables (fluency ~ 620).
@@ -44,9 +49,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments.metrics import (CF_KEYS, COUNTERFACT, MIXED, ZSRE, ZSRE_KEYS, as_number, counterfact_case_metrics,
-                                 describe_protocol, detect_dataset, generation_protocol_of, protocol_identity,
-                                 summarize_stage, zsre_case_metrics)
+from experiments.metrics import (CF_KEYS, COUNTERFACT, FREE_METRICS, MIXED, ZSRE, ZSRE_KEYS, as_number,
+                                 counterfact_case_metrics, describe_protocol, detect_dataset, generation_protocol_of,
+                                 protocol_identity, summarize_stage, zsre_case_metrics)
 from util.cli import add_verbose_argument, run_script, setup_logging
 from util.errors import ECEError
 
@@ -61,6 +66,7 @@ STAGE_LABELS = {
 RUN_RE = re.compile(r"run_(\d+)")
 CASE_RE = re.compile(r"(\d+)_edits-case_(.+)\.json")
 
+FREE_HEADERS = ("Eff. free", "Gen. free", "Spec. free")
 DOWNSTREAM_METRIC_ORDER = ("accuracy", "f1", "mcc")
 DOWNSTREAM_PLOT_NAME = "downstream.png"
 
@@ -189,6 +195,7 @@ def _read_case(path: Path) -> tuple[dict, str, dict[str, dict]]:
                 m["_consistency_source"] = stage.get("consistency_source")
             else:
                 m = zsre_case_metrics(stage, stage_name)
+            m["_free_generation"] = stage.get("free_generation")
             metrics[stage_name] = m
         if record.get("time") is not None:
             as_number(record["time"], "'time'")
@@ -329,7 +336,9 @@ def summarize(
     ``stages`` (``{"pre"|"post"|"final": stage}``, only the stages present) and ``downstream`` (rows from
     ``glue_eval``, or ``None``). A stage holds ``n_cases``, ``score`` and, for every metric (``efficacy``,
     ``generalization``, ``specificity``, their ``*_magnitude``, ``fluency``, ``consistency``), either ``None`` or
-    ``{"mean", "ci95", "low", "high", "std", "n"}`` in percent. Raises :class:`SummarizeError`.
+    ``{"mean", "ci95", "low", "high", "std", "n"}`` in percent; ``efficacy_free``, ``generalization_free``,
+    ``specificity_free`` (and, CounterFact, ``*_top1``) likewise, ``None`` for runs without them.
+    Raises :class:`SummarizeError`.
     """
     if results_dir is None:
         from util.paths import get_paths
@@ -478,7 +487,8 @@ def _protocols_shown(runs: list[dict]) -> dict[str, dict]:
 
 
 def render_text(runs: list[dict], results_path: Path | None = None) -> str:
-    headers = ["Run", "Stage", "N cases", "Efficacy", "Generalization", "Specificity", "Score", "Generation",
+    headers = ["Run", "Stage", "N cases", "Efficacy", "Generalization", "Specificity", "Score", *FREE_HEADERS,
+               "Generation",
                "Fluency", consistency_header(runs), "Eff. magn.", "Gen. magn.", "Spec. magn.", "s/round"]
     rows = []
     for run in runs:
@@ -497,6 +507,7 @@ def render_text(runs: list[dict], results_path: Path | None = None) -> str:
                 format_stat(stage["generalization"]),
                 format_stat(stage["specificity"]),
                 "-" if stage["score"] is None else f"{stage['score']:.1f}",
+                *(format_stat(stage.get(metric)) for metric in FREE_METRICS),
                 "-" if protocol is None else protocol["name"],
                 format_stat(stage["fluency"], missing=fluency_missing),
                 format_stat(stage["consistency"], missing=consistency_missing),
@@ -514,6 +525,9 @@ def render_text(runs: list[dict], results_path: Path | None = None) -> str:
         "",
         f"Values: mean {pm} 95% interval (1.96*std/sqrt(n) over cases), in %. Score = harmonic mean of "
         "Efficacy, Generalization and Specificity.",
+        "Free (Eff./Gen./Spec. free): share of prompts whose greedy answer (target tokens + 10 at most, cut at "
+        "a line break) begins with the expected target as a whole word and does not name the competing one "
+        "after it (docs/DESIGN.md section 7); '-': not evaluated.",
         "Magnitudes: mean probability difference (new - true; true - new for Specificity), in %. "
         "Fluency (n-gram entropy) and Consistency (tf-idf cosine) x100, as in the MEMIT tables.",
         "Stages: " + "; ".join(f"{STAGE_LABELS[s]}" for s in STAGES) + ".",

@@ -8,7 +8,8 @@ statistics and the context templates, and applies ``--rounds`` rounds of ``--num
 after another (with C_prev where the method keeps it). Recorded per algorithm: seconds per stage (the
 statistics, templates, explain, cluster, target values, update, and the evaluation kept apart),
 seconds per round, edits per second, peak memory, target-value loops, steps per fact and tokens, and efficacy /
-generalization / specificity of all edited cases on the final model.
+generalization / specificity of all edited cases on the final model, as probability comparisons, as
+teacher-forced top-1 (``*_top1``) and under free greedy generation (``*_free``; fEff/fGen/fSpe in the table).
 
 An algorithm may carry hparams overrides, ``NAME:key=value:key=value`` (JSON values, parsed as
 ``evaluate.py --hparams key=value`` is), e.g.
@@ -42,7 +43,8 @@ from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.driver import (COUNTERFACT_DATASETS, Evaluator, RunError, check_algorithm_name,  # noqa: E402
                                 load_hparams, load_records, parse_algorithm_spec, record_to_request,
                                 resolve_hparams_path, set_seed)
-from experiments.metrics import COUNTERFACT, counterfact_case_metrics, summarize_stage  # noqa: E402
+from experiments.metrics import (COUNTERFACT, FREE_METRICS, TOP1_METRICS, counterfact_case_metrics,  # noqa: E402
+                                 summarize_stage)
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hooks import get_module  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
@@ -137,9 +139,14 @@ def model_shape(model) -> dict:
             "device": str(first.device)}
 
 
+QUALITY_METRICS = ("efficacy", "generalization", "specificity") + TOP1_METRICS + FREE_METRICS
+
+
 def edit_quality(case_metrics: List[dict]) -> Dict[str, Optional[float]]:
+    """Mean success (%) on the final model: probability comparison, teacher-forced top-1 (``*_top1``) and
+    free generation (``*_free``, experiments/free_generation.py)."""
     summary = summarize_stage(case_metrics, COUNTERFACT, "final")
-    return {m: (summary[m]["mean"] if summary[m] else None) for m in ("efficacy", "generalization", "specificity")}
+    return {m: (summary[m]["mean"] if summary.get(m) else None) for m in QUALITY_METRICS}
 
 
 def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case: Evaluator) -> dict:
@@ -205,7 +212,8 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
     width = max(len(r["alg"]) for r in rows) + 2
     header = (f"{'algorithm':<{width}}{'s/round':>9}{'x MEMIT':>8}{'z s':>8}{'upd s':>7}{'edit/s':>8}{'loops':>6}"
               f"{'steps':>6}"
-              f"{'GF/s z':>8}{'% mm':>6}{'peak MB':>9}{'Eff':>6}{'Gen':>6}{'Spe':>6}")
+              f"{'GF/s z':>8}{'% mm':>6}{'peak MB':>9}{'Eff':>6}{'Gen':>6}{'Spe':>6}"
+              f"{'fEff':>6}{'fGen':>6}{'fSpe':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -215,9 +223,10 @@ def print_table(rows: List[dict], matmul_gflops: float) -> None:
               f"{r['z_seconds']:8.1f}{r['update_seconds']:7.1f}{r['edits_per_second']:8.3f}{r['target_loops']:6d}"
               f"{r['mean_target_steps'] or 0.0:6.1f}"
               f"{rate:8.1f}{100 * rate / matmul_gflops:6.1f}{r['peak_memory_mb']:9.0f}"
-              f"{fmt(r['efficacy'])}{fmt(r['generalization'])}{fmt(r['specificity'])}")
+              f"{fmt(r['efficacy'])}{fmt(r['generalization'])}{fmt(r['specificity'])}"
+              f"{fmt(r.get('efficacy_free'))}{fmt(r.get('generalization_free'))}{fmt(r.get('specificity_free'))}")
     print(f"plain matmul: {matmul_gflops:.1f} GFLOP/s ('steps': optimisation steps per fact; "
-          f"'% mm': target-value rate as a share of it; "
+          f"'% mm': target-value rate as a share of it; fEff/fGen/fSpe: free greedy generation; "
           f"x MEMIT: {reference['alg']}'s seconds per round / this row's)")
 
 

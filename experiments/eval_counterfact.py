@@ -8,6 +8,12 @@
     rewrite_prompts_correct     [bool]   every target_new token is the top-1 prediction (teacher forcing)
     paraphrase_prompts_correct  [bool]   same, target_new
     neighborhood_prompts_correct [bool]  same, target_true
+    # unless free_generation is None (experiments/free_generation.py):
+    rewrite_prompts_generated_correct       [bool]  the greedy answer begins with target_new and does not
+    paraphrase_prompts_generated_correct    [bool]  name target_true after it
+    neighborhood_prompts_generated_correct  [bool]  ... begins with target_true, no target_new after it
+    *_prompts_generated_text                [str]   those answers (at most target tokens + 10)
+    free_generation                         how they were decoded and judged (FreeGeneration.to_dict)
     # unless skip_generation:
     text                        generations from generation_prompts (prompt + continuation)
     generation_protocol         how they were generated (GenerationProtocol.to_dict)
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from dsets.tfidf_stats import tfidf_similarity
+from experiments.free_generation import FreeGeneration, free_generation_metrics
 from util.generate import generate_texts, generation_seed, sample_top_k_texts
 from util.scoring import continuation_scores
 
@@ -160,10 +167,13 @@ def compute_rewrite_quality_counterfact(
     consistency_source: Optional[str] = None,
     consistency_unavailable: Optional[str] = None,
     batch_size: int = 32,
+    free_generation: Optional[FreeGeneration] = FreeGeneration(),
 ) -> Dict:
-    """Probabilities (and unless ``skip_generation``, generation metrics) of one CounterFact record.
+    """Probabilities, the free-generation metric (unless ``free_generation`` is None) and, unless
+    ``skip_generation``, the fluency/consistency metrics of one CounterFact record.
 
-    All prompts and both targets are scored in one batched ``continuation_scores`` call.
+    All prompts and both targets are scored in one batched ``continuation_scores`` call; the greedy answers
+    of all prompts are decoded in one batched loop.
     ``consistency_source`` labels the references and statistics in ``snips``/``vec`` (published or
     substitute); ``consistency_unavailable`` is the reason stored when they are None (a default is used).
     """
@@ -187,6 +197,11 @@ def compute_rewrite_quality_counterfact(
         ret[f"{kind}_probs"] = [{"target_new": new.mean_nll, "target_true": true.mean_nll} for new, true in pairs]
         wanted = 1 if kind == "neighborhood_prompts" else 0
         ret[f"{kind}_correct"] = [all(pair[wanted].token_correct) for pair in pairs]
+    if free_generation is not None:
+        groups = {kind: [(p, target_new, target_true) for p in prompts[kind]]
+                  for kind in ("rewrite_prompts", "paraphrase_prompts")}
+        groups["neighborhood_prompts"] = [(p, target_true, target_new) for p in prompts["neighborhood_prompts"]]
+        ret.update(free_generation_metrics(model, tok, groups, free_generation, batch_size=batch_size))
 
     if skip_generation:
         return ret

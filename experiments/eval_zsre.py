@@ -9,19 +9,25 @@ forcing::
 
 MEMIT returns each as one flat list of tokens; here there is one inner list per prompt (the flat list is
 their concatenation). Token accuracy is the mean of the booleans.
+
+Unless ``free_generation`` is None, also ``*_prompts_generated_correct`` ([bool] per prompt: the greedy answer
+begins with the expected answer, experiments/free_generation.py), ``*_prompts_generated_text`` and
+``free_generation``. zsRE's ``target_true`` is no reliable competing answer, so none is checked.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, Optional
 
+from experiments.free_generation import FreeGeneration, free_generation_metrics
 from util.scoring import continuation_scores
 
 PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
 
 
-def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 32) -> Dict[str, List[List[bool]]]:
+def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 32,
+                                 free_generation: Optional[FreeGeneration] = FreeGeneration()) -> Dict:
     """Per-token top-1 correctness on the edit prompt, its paraphrases and the neighbourhood prompts,
-    scored in one batched ``continuation_scores`` call."""
+    scored in one batched ``continuation_scores`` call, and the free-generation metric."""
     rewrite = record["requested_rewrite"]
     target_new = rewrite["target_new"]["str"]
     edit_prompts = [rewrite["prompt"].format(rewrite["subject"])]
@@ -39,4 +45,7 @@ def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 32)
         count = len(groups[kind])
         ret[f"{kind}_correct"] = [list(s.token_correct) for s in scores[start : start + count]]
         start += count
+    if free_generation is not None:
+        free_groups = {kind: [(p, t, None) for p, t in groups[kind]] for kind in PROMPT_KINDS}
+        ret.update(free_generation_metrics(model, tok, free_groups, free_generation, batch_size=batch_size))
     return ret

@@ -9,6 +9,11 @@ Per case and evaluation stage (``pre``, ``post``, ``final``):
   ``ngram_entropy``, Consistency = ``reference_score``.
 * zsRE (``*_prompts_correct``: per prompt a list of per-token booleans): accuracy = mean over prompts of the
   prompt's mean token correctness.
+* Free generation, both datasets (``*_prompts_generated_correct``: one boolean per prompt, whether the greedy
+  answer begins with the expected target, experiments/free_generation.py): ``efficacy_free``,
+  ``generalization_free``, ``specificity_free`` = mean over the prompts of each kind; ``None`` for case files
+  written before the metric existed. CounterFact also gets ``*_top1`` from ``*_prompts_correct`` (every target
+  token top-1 under teacher forcing), the teacher-forced rule the free one is closest to.
 
 Per stage over cases: the mean and the 95% interval ``mean +- 1.96 * std / sqrt(n)`` (sample std), in
 percent; Score = harmonic mean of the three success means. Fluency and consistency are not averaged over
@@ -37,7 +42,19 @@ ZSRE_KEYS = {
     "generalization": "paraphrase_prompts_correct",
     "specificity": "neighborhood_prompts_correct",
 }
+FREE_KEYS = {
+    "efficacy_free": "rewrite_prompts_generated_correct",
+    "generalization_free": "paraphrase_prompts_generated_correct",
+    "specificity_free": "neighborhood_prompts_generated_correct",
+}
+TOP1_KEYS = {
+    "efficacy_top1": "rewrite_prompts_correct",
+    "generalization_top1": "paraphrase_prompts_correct",
+    "specificity_top1": "neighborhood_prompts_correct",
+}
 SUCCESS_METRICS = ("efficacy", "generalization", "specificity")
+FREE_METRICS = tuple(FREE_KEYS)
+TOP1_METRICS = tuple(TOP1_KEYS)
 MAGNITUDE_METRICS = ("efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
 Z_95 = 1.96
 PERCENT = 100.0
@@ -96,6 +113,22 @@ def counterfact_case_metrics(stage: dict, stage_name: str = "post") -> dict[str,
     for metric, key in (("fluency", "ngram_entropy"), ("consistency", "reference_score")):
         value = stage.get(key)
         out[metric] = None if value is None else as_number(value, f"'{stage_name}.{key}'")
+    out.update(_boolean_rates(stage, TOP1_KEYS, stage_name))
+    out.update(_boolean_rates(stage, FREE_KEYS, stage_name))
+    return out
+
+
+def _boolean_rates(stage: dict, keys: dict[str, str], stage_name: str) -> dict[str, float | None]:
+    """Mean of a list of per-prompt booleans for each metric; ``None`` when the key is absent or empty."""
+    out: dict[str, float | None] = {}
+    for metric, key in keys.items():
+        entries = _entries(stage, key, stage_name)
+        values = []
+        for i, value in enumerate(entries or []):
+            if not isinstance(value, bool):
+                raise ValueError(f"'{stage_name}.{key}[{i}]' must be a boolean, got {value!r}")
+            values.append(float(value))
+        out[metric] = float(np.mean(values)) if values else None
     return out
 
 
@@ -125,6 +158,7 @@ def zsre_case_metrics(stage: dict, stage_name: str = "post") -> dict[str, float 
             if acc is not None:
                 per_prompt.append(acc)
         out[metric] = float(np.mean(per_prompt)) if per_prompt else None
+    out.update(_boolean_rates(stage, FREE_KEYS, stage_name))
     return out
 
 
@@ -175,6 +209,7 @@ def summarize_stage(per_case: list[dict], dataset: str, stage_name: str) -> dict
     missing = [m for m in SUCCESS_METRICS if out[m] is None]
     if missing:
         out["notes"].append(f"no prompts for {', '.join(missing)}; Score not computed")
+    _summarize_free_generation(per_case, out, dataset)
     if dataset == COUNTERFACT:
         for metric in MAGNITUDE_METRICS:
             out[metric] = interval(c[metric] for c in per_case)
@@ -206,6 +241,27 @@ def summarize_stage(per_case: list[dict], dataset: str, stage_name: str) -> dict
         out["fluency_status"] = out["consistency_status"] = "absent"
         out["generation_protocol"] = out["consistency_source"] = None
     return out
+
+
+def _summarize_free_generation(per_case: list[dict], out: dict, dataset: str) -> None:
+    """Free-generation (and, CounterFact, teacher-forced top-1) rates; a note when only some cases have them
+    (runs evaluated before the metric existed have none: the columns show "-")."""
+    metrics = FREE_METRICS + (TOP1_METRICS if dataset == COUNTERFACT else ())
+    for metric in metrics:
+        out[metric] = interval(c.get(metric) for c in per_case)
+    protocols = list(dict.fromkeys(json.dumps(c["_free_generation"], sort_keys=True) for c in per_case
+                                   if c.get("_free_generation") is not None))
+    out["free_generation"] = json.loads(protocols[0]) if len(protocols) == 1 else None
+    if len(protocols) > 1:
+        for metric in FREE_METRICS:
+            out[metric] = None
+        out["free_generation"] = MIXED
+        out["notes"].append("free-generation metrics not aggregated: the cases were decoded with different settings")
+        return
+    n_free = sum(c.get("efficacy_free") is not None or c.get("specificity_free") is not None for c in per_case)
+    if 0 < n_free < len(per_case):
+        out["notes"].append(f"free-generation metrics from {n_free} of {len(per_case)} cases (the rest were "
+                            "evaluated without them)")
 
 
 def generation_protocol_of(stage: dict, stage_name: str = "post") -> dict | None:

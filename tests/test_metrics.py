@@ -1,5 +1,6 @@
 """CounterFact and zsRE metrics: hand-checked numbers on tiny models, fluency, consistency, the generation
-protocols (MEMIT's published top-k sampling and greedy), the tf-idf substitute, and the pre-edit behaviour of
+protocols (MEMIT's published top-k sampling and greedy), the free-generation metric (on a scripted model where
+it must differ from teacher forcing, and on tiny models), the tf-idf substitute, and the pre-edit behaviour of
 the embedded model on real CounterFact records."""
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ from experiments.eval_counterfact import (
     n_gram_entropy,
 )
 from experiments.eval_zsre import compute_rewrite_quality_zsre
+from experiments.free_generation import FreeGeneration, answer_correct, answer_text
 from util.generate import generation_seed, sample_top_k_ids, sample_top_k_texts
+from util.scoring import continuation_scores
 
 RECORD = {
     "case_id": 0,
@@ -91,7 +94,8 @@ def test_counterfact_nlls_match_hand_computed_log_softmax(request, monkeypatch, 
     calls = _counting(monkeypatch, eval_cf)
     out = compute_rewrite_quality_counterfact(model, tok, RECORD, skip_generation=True)
     assert len(calls) == 1 and len(calls[0]) == 2 * 4  # one batched call: 4 prompts x 2 targets
-    assert set(out) == {f"{k}_{m}" for k in eval_cf.PROMPT_KINDS for m in ("probs", "correct")}
+    assert set(out) == {f"{k}_{m}" for k in eval_cf.PROMPT_KINDS
+                        for m in ("probs", "correct", "generated_correct", "generated_text")} | {"free_generation"}
     assert [len(out[f"{k}_probs"]) for k in eval_cf.PROMPT_KINDS] == [1, 2, 1]
 
     new_nll, new_top1 = _manual_scores(model, tok, "Paris is located in", "France")
@@ -428,6 +432,155 @@ def test_no_substitute_without_its_inputs(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- embedded model, real records
+
+# ---------------------------------------------------------------- free generation
+
+
+class ScriptedLM(torch.nn.Module):
+    """A causal LM that says exactly what it is told: after a scripted prompt's ids (and any prefix of its
+    continuation) the next continuation token gets logit 10, everything else 0; unscripted text ends with
+    the end-of-text token. Its "cache" is the token history, so cached decoding and teacher forcing see
+    the same model."""
+
+    def __init__(self, tok, script: dict):
+        super().__init__()
+        self.embed = torch.nn.Embedding(1, 1)
+        self.vocab, self.eos = len(tok), tok.eos_token_id
+        self.script = [(tok(prompt)["input_ids"], list(ids)) for prompt, ids in script.items()]
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def _next(self, history: list) -> int:
+        for context, continuation in self.script:
+            done = len(history) - len(context)
+            if history[: len(context)] == context and 0 <= done < len(continuation) \
+                    and history[len(context):] == continuation[:done]:
+                return continuation[done]
+        return self.eos
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, **_):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
+        histories = [list(h) for h in past_key_values] if past_key_values else [[] for _ in input_ids]
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for row, (ids, keep) in enumerate(zip(input_ids.tolist(), mask.tolist())):
+            for position, (token, real) in enumerate(zip(ids, keep)):
+                if real:
+                    histories[row].append(token)
+                    logits[row, position, self._next(histories[row])] = 10.0
+        return CausalLMOutputWithPast(logits=logits, past_key_values=histories)
+
+
+def _ids(tok, text: str) -> list:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+FREE_RECORD = {
+    "case_id": 7,
+    "requested_rewrite": {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                          "relation_id": "P131", "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+    "paraphrase_prompts": ["The Eiffel Tower stands in", "The Eiffel Tower is found in",
+                           "Where is the Eiffel Tower? In"],
+    "neighborhood_prompts": ["The Louvre is located in the city of", "Notre-Dame is in", "The Seine flows through"],
+}
+
+
+def _scripted_free_model(tok):
+    """Every way the free answer and teacher forcing can disagree, one prompt each (see the test)."""
+    spelled = [i for ch in " Paris" for i in _ids(tok, ch)]  # " Paris" in other tokens than the canonical ones
+    assert spelled != _ids(tok, " Paris") and tok.decode(spelled) == " Paris"
+    return ScriptedLM(tok, {
+        "The Eiffel Tower is located in the city of": _ids(tok, " Rome, not Paris"),
+        "The Eiffel Tower stands in": _ids(tok, " Rome, Italy."),
+        "The Eiffel Tower is found in": _ids(tok, " Rome") + _ids(tok, "o and Juliet"),
+        "Where is the Eiffel Tower? In": _ids(tok, " the city of Rome"),
+        "The Louvre is located in the city of": _ids(tok, " Paris\n Rome"),
+        "Notre-Dame is in": _ids(tok, " Paris and Rome"),
+        "The Seine flows through": spelled + _ids(tok, "."),
+    })
+
+
+def test_free_generation_differs_from_teacher_forcing_where_it_should(tiny_tok):
+    out = compute_rewrite_quality_counterfact(_scripted_free_model(tiny_tok), tiny_tok, FREE_RECORD,
+                                              skip_generation=True)
+    # teacher forcing: every target token top-1
+    assert out["rewrite_prompts_correct"] == [True]
+    assert out["paraphrase_prompts_correct"] == [True, True, False]
+    assert out["neighborhood_prompts_correct"] == [True, True, False]
+    # free: " Rome, not Paris" names the old fact; " Romeo ..." is not " Rome"; a preamble is not the answer;
+    # the line break ends " Paris"; " Paris and Rome" names the new fact; another spelling of " Paris" counts
+    assert out["rewrite_prompts_generated_correct"] == [False]
+    assert out["paraphrase_prompts_generated_correct"] == [True, False, False]
+    assert out["neighborhood_prompts_generated_correct"] == [True, False, True]
+    assert out["rewrite_prompts_generated_text"] == [" Rome, not Paris"]
+    assert out["paraphrase_prompts_generated_text"][1] == " Romeo and Juliet"
+    assert out["neighborhood_prompts_generated_text"][0] == " Paris"
+    assert out["free_generation"] == FreeGeneration().to_dict() and out["free_generation"]["extra_tokens"] == 10
+
+
+def test_free_generation_on_zsre_checks_the_start_only(tiny_tok):
+    record = {"case_id": 0, "requested_rewrite": dict(FREE_RECORD["requested_rewrite"]),
+              "paraphrase_prompts": FREE_RECORD["paraphrase_prompts"][:2],
+              "neighborhood_prompts": [{"prompt": "Notre-Dame is in", "target": "Paris"}]}
+    out = compute_rewrite_quality_zsre(_scripted_free_model(tiny_tok), tiny_tok, record)
+    # zsRE's target_true is no reliable competing answer: " Rome, not Paris" and " Paris and Rome" pass
+    assert out["rewrite_prompts_generated_correct"] == [True]
+    assert out["paraphrase_prompts_generated_correct"] == [True, False]
+    assert out["neighborhood_prompts_generated_correct"] == [True]
+    assert all(out["rewrite_prompts_correct"][0]) and "free_generation" in out
+    skipped = compute_rewrite_quality_zsre(_scripted_free_model(tiny_tok), tiny_tok, record, free_generation=None)
+    assert not any("generated" in k for k in skipped) and "free_generation" not in skipped
+
+
+@pytest.mark.parametrize("answer, expected, competing, success", [
+    (" Rome", "Rome", "Paris", True), ("Rome's Colosseum", "Rome", None, True), (" rome", "Rome", None, False),
+    (" Romeo", "Rome", None, False), (" Rome, Paris", "Rome", "Paris", False),
+    (" Rome, Parisian", "Rome", "Paris", True),  # "Parisian" does not name Paris as a word
+    (" Old English", "Old English", "English", True), (" U.S. Army", " U.S.", None, True), ("", "Rome", None, False),
+])
+def test_answer_correct_rule(answer, expected, competing, success):
+    assert answer_correct(answer, expected, competing) is success
+
+
+@pytest.mark.parametrize("model_fixture, tok_fixture", [("tiny_gpt2", "tiny_tok"), ("tiny_llama", "tiny_tok_bos")])
+def test_free_generation_decodes_like_an_unbatched_argmax_loop(request, model_fixture, tok_fixture):
+    """Left padding, explicit positions and the cache change nothing: the batched answers are those of
+    one prompt at a time without a cache; and a target made of the greedy tokens is top-1 under teacher
+    forcing (greedy decoding of len(target) tokens and teacher forcing coincide)."""
+    model, tok = request.getfixturevalue(model_fixture), request.getfixturevalue(tok_fixture)
+    out = compute_rewrite_quality_counterfact(model, tok, RECORD, skip_generation=True)
+    top1_checked = 0
+    budget = {"rewrite_prompts": len(_ids(tok, " France")), "paraphrase_prompts": len(_ids(tok, " France")),
+              "neighborhood_prompts": len(_ids(tok, " Italy"))}
+    for kind, prompts in (("rewrite_prompts", ["Paris is located in"]),
+                          ("paraphrase_prompts", RECORD["paraphrase_prompts"]),
+                          ("neighborhood_prompts", RECORD["neighborhood_prompts"])):
+        for prompt, text in zip(prompts, out[f"{kind}_generated_text"]):
+            ids = tok(prompt)["input_ids"]
+            new = []
+            for _ in range(budget[kind] + 10):
+                new.append(int(_full_logits(model, ids + new)[-1].argmax()))
+            assert text == answer_text(tok, new)
+            target = tok.decode(new[:2]).strip()
+            if target and _ids(tok, " " + target) == new[:2]:
+                assert all(continuation_scores(model, tok, [prompt], [target])[0].token_correct)
+                top1_checked += 1
+    assert top1_checked >= 2
+
+
+def test_sampling_unchanged_by_the_shared_decoding_loop(tiny_gpt2, tiny_tok):
+    """The published protocol's texts are still the step-by-step top-k draws of each prompt's generator."""
+    prompts = ["Paris is known for", "The people"]
+    sequences = sample_top_k_ids(tiny_gpt2, tiny_tok, prompts, seeds=[3, 4], max_out_len=12, top_k=5)
+    for prompt, seed, sequence in zip(prompts, [3, 4], sequences):
+        generator, ids = torch.Generator().manual_seed(seed), tiny_tok(prompt)["input_ids"]
+        while len(ids) < 12:
+            top = torch.topk(torch.softmax(_full_logits(tiny_gpt2, ids)[-1].float(), -1), 5)
+            ids.append(int(top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=generator)]))
+        assert sequence == ids
+
 
 @pytest.mark.slow
 def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_tok, data_dir):

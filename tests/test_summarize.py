@@ -118,7 +118,9 @@ def test_zsre_case_metrics_mean_of_prompt_means():
         "neighborhood_prompts_correct": [[True, True], [True, False]],
     }
     m = sm.zsre_case_metrics(stage)
-    assert m == {"efficacy": 0.75, "generalization": 0.5, "specificity": 0.75}
+    assert m == {"efficacy": 0.75, "generalization": 0.5, "specificity": 0.75,
+                 # written before the free-generation metric existed
+                 "efficacy_free": None, "generalization_free": None, "specificity_free": None}
 
 
 # ------------------------------------------------------------------ aggregation
@@ -520,3 +522,115 @@ def test_cli_verbose_prints_the_traceback(tmp_path: Path, capsys):
     assert sm.main(["--dir_name=MEMIT", f"--results_dir={tmp_path}", "-v"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "SummarizeError" in err
+
+
+# ------------------------------------------------------------------ free generation
+
+FREE = {"extra_tokens": 10, "decoding": "greedy (argmax)"}
+
+
+def free_keys(rewrite, paraphrase, neighborhood, protocol=FREE) -> dict:
+    return {"rewrite_prompts_generated_correct": rewrite, "paraphrase_prompts_generated_correct": paraphrase,
+            "neighborhood_prompts_generated_correct": neighborhood, "free_generation": protocol,
+            "rewrite_prompts_generated_text": [" x"] * len(rewrite)}
+
+
+def _cells(text: str, stage: str) -> dict:
+    """``{header: cell}`` of the table row of run_000 at ``stage`` (columns are 2+ spaces apart)."""
+    import re
+
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Run "))
+    names = re.split(r"\s{2,}", lines[header].strip())
+    row = next(line for line in lines if re.match(rf"run_000\s+{stage}\s", line))
+    return dict(zip(names, re.split(r"\s{2,}", row.strip())))
+
+
+def test_free_generation_columns_beside_the_teacher_forced_ones(tmp_path: Path, capsys):
+    """pre, post and final each get their own free columns; case 0's rewrite prompt is top-1 under teacher
+    forcing but its free answer fails, so the two rates differ."""
+    run = tmp_path / "MEMIT" / "run_000"
+    write_params(run, sequential=True)
+    win = cf_stage([(1.0, 3.0)], [(1.0, 3.0), (1.0, 3.0)], [(3.0, 1.0)],
+                   rewrite_prompts_correct=[True], paraphrase_prompts_correct=[True, False],
+                   neighborhood_prompts_correct=[True])
+    pre = cf_stage([(3.0, 1.0)], [(3.0, 1.0)], [(3.0, 1.0)], **free_keys([False], [False], [True]))
+    write_case(run, 0, [0, 1], 2.0, pre=pre, post={**win, **free_keys([False], [True, False], [True])},
+               final={**win, **free_keys([False], [False, False], [False])})
+    write_case(run, 1, [0, 1], 2.0, pre=pre, post={**win, **free_keys([True], [True, True], [True])},
+               final={**win, **free_keys([True], [False, True], [True])})
+    (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    post, final = res["stages"]["post"], res["stages"]["final"]
+    assert post["efficacy_free"]["mean"] == pytest.approx(50.0)
+    assert post["efficacy_free"]["ci95"] == pytest.approx(ci([0.0, 1.0])[1])
+    assert post["generalization_free"]["mean"] == pytest.approx(75.0)
+    assert final["specificity_free"]["mean"] == pytest.approx(50.0)
+    assert res["stages"]["pre"]["efficacy_free"]["mean"] == 0.0
+    assert post["efficacy_top1"]["mean"] == 100.0 and post["generalization_top1"]["mean"] == 50.0
+    assert post["free_generation"] == FREE and post["notes"] == []
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={tmp_path}"]) == 0
+    text = capsys.readouterr().out
+    cells = {stage: _cells(text, stage) for stage in ("pre", "post", "final")}
+    assert cells["post"]["Efficacy"] == f"100.0 {sm._pm()} 0.0"
+    assert cells["post"]["Eff. free"] == f"50.0 {sm._pm()} {ci([0, 1])[1]:.1f}"
+    assert cells["post"]["Gen. free"].startswith("75.0") and cells["final"]["Spec. free"].startswith("50.0")
+    assert cells["pre"]["Spec. free"] == f"100.0 {sm._pm()} 0.0" and cells["final"]["Gen. free"].startswith("25.0")
+    assert "Free (Eff./Gen./Spec. free)" in text
+    data = json.loads(sm.to_json([res]))
+    assert data[0]["stages"]["final"]["generalization_free"]["mean"] == pytest.approx(25.0)
+
+
+def test_runs_without_free_generation_show_a_dash(cf_results: Path, capsys):
+    assert sm.main(["--dir_name=MEMIT", f"--results_dir={cf_results}"]) == 0
+    cells = _cells(capsys.readouterr().out, "post")
+    assert (cells["Eff. free"], cells["Gen. free"], cells["Spec. free"]) == ("-", "-", "-")
+    assert cells["Efficacy"].startswith("66.7")  # the teacher-forced columns are unchanged
+    (res,) = sm.summarize("MEMIT", results_dir=cf_results)
+    assert res["stages"]["post"]["efficacy_free"] is None and res["stages"]["post"]["free_generation"] is None
+    assert not any("free-generation" in n for n in res["stages"]["post"]["notes"])
+
+
+def test_free_generation_in_some_cases_only_is_noted_and_mixed_settings_not_averaged(tmp_path: Path):
+    run = tmp_path / "MEMIT" / "run_000"
+    write_params(run)
+    write_case(run, 0, [0], 1.0, post=cf_stage([(1.0, 3.0)], [], [(3.0, 1.0)], **free_keys([True], [], [True])))
+    write_case(run, 1, [1], 1.0, post=cf_stage([(1.0, 3.0)], [], [(3.0, 1.0)]))
+    (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    post = res["stages"]["post"]
+    assert post["efficacy_free"]["mean"] == 100.0 and post["efficacy_free"]["n"] == 1
+    assert post["generalization_free"] is None  # no paraphrase prompts
+    assert "free-generation metrics from 1 of 2 cases" in " ".join(post["notes"])
+    write_case(run, 1, [1], 1.0, post=cf_stage([(1.0, 3.0)], [], [(3.0, 1.0)],
+                                               **free_keys([False], [], [True], {**FREE, "extra_tokens": 5})))
+    (res,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    post = res["stages"]["post"]
+    assert post["efficacy_free"] is None and post["free_generation"] == "mixed"
+    assert any("decoded with different settings" in n for n in post["notes"])
+
+
+def test_zsre_free_generation_and_bad_values(tmp_path: Path):
+    stage = {"rewrite_prompts_correct": [[True, False]], "paraphrase_prompts_correct": [[True]],
+             "neighborhood_prompts_correct": [[True]], **free_keys([False], [True], [False, True])}
+    m = sm.zsre_case_metrics(stage)
+    assert (m["efficacy"], m["efficacy_free"], m["specificity_free"]) == (0.5, 0.0, 0.5)
+    with pytest.raises(ValueError, match="rewrite_prompts_generated_correct"):
+        sm.zsre_case_metrics({**stage, "rewrite_prompts_generated_correct": [1]})
+    run = tmp_path / "ECE_WI" / "run_000"
+    write_params(run, ds_name="zsre")
+    write_case(run, 0, [0], 1.0, post=stage)
+    (res,) = sm.summarize("ECE_WI", results_dir=tmp_path)
+    assert res["stages"]["post"]["generalization_free"]["mean"] == 100.0
+    assert "efficacy_top1" not in res["stages"]["post"]  # zsRE's teacher-forced metric is token accuracy
+
+
+def test_benchmark_rows_carry_the_free_generation_rates():
+    from experiments import benchmark
+
+    stage = cf_stage([(1.0, 3.0)], [(1.0, 3.0)], [(3.0, 1.0)], rewrite_prompts_correct=[True],
+                     paraphrase_prompts_correct=[False], neighborhood_prompts_correct=[True],
+                     **free_keys([False], [False], [True]))
+    quality = benchmark.edit_quality([sm.counterfact_case_metrics(stage)] * 2)
+    assert (quality["efficacy"], quality["efficacy_top1"], quality["efficacy_free"]) == (100.0, 100.0, 0.0)
+    assert (quality["generalization_top1"], quality["specificity_free"]) == (0.0, 100.0)
+    old = benchmark.edit_quality([sm.counterfact_case_metrics(cf_stage([(1.0, 3.0)], [], [(3.0, 1.0)]))])
+    assert old["efficacy"] == 100.0 and old["efficacy_free"] is None

@@ -6,6 +6,8 @@ passed only a slice of the attention mask with left-padded prompts; here the who
 
 ``sample_top_k_texts`` is the generation protocol of MEMIT's fluency and consistency metrics (top-k 5
 sampling, 100 tokens including the prompt), seeded per prompt so that reruns give the same texts.
+``greedy_continuation_ids`` decodes the short argmax answers of the free-generation metric
+(``experiments/free_generation.py``) with the same cached loop.
 """
 from __future__ import annotations
 
@@ -114,10 +116,50 @@ def _forward_kwargs(model) -> dict:
 
 
 def _sample_batch(model, tok, encoded, generators, max_out_len: int, top_k: int, device) -> List[List[int]]:
-    """New token ids per row: left-padded prompts, explicit positions, one cached forward per step."""
+    """New token ids per row: each row draws from its own top-k distribution until its budget is spent."""
     budgets = [max(0, max_out_len - len(ids)) for ids in encoded]
+
+    def choose(logits: torch.Tensor, active: List[int]) -> dict:
+        probs = torch.softmax(logits.float(), dim=-1)
+        top = torch.topk(probs, top_k, dim=-1)
+        top_probs, top_ids = top.values.cpu(), top.indices.cpu()
+        picked = {}
+        for row in active:
+            choice = torch.multinomial(top_probs[row] / top_probs[row].sum(), 1, generator=generators[row])
+            picked[row] = int(top_ids[row, choice.item()])
+        return picked
+
+    return _decode_batch(model, tok, encoded, budgets, choose, device)
+
+
+@torch.no_grad()
+def greedy_continuation_ids(model, tok, prompts: Sequence[str], max_new_tokens: Sequence[int],
+                            batch_size: int = 32) -> List[List[int]]:
+    """Exactly ``max_new_tokens[i]`` argmax tokens after prompt ``i`` (no stop at the end-of-text token:
+    callers cut where they need to), batched with left padding and the key/value cache."""
+    if len(max_new_tokens) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
+    device = model_device(model)
+    out: List[List[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        budgets = [max(0, int(n)) for n in max_new_tokens[start : start + batch_size]]
+
+        def choose(logits: torch.Tensor, active: List[int]) -> dict:
+            best = logits.argmax(dim=-1).cpu()
+            return {row: int(best[row]) for row in active}
+
+        out += _decode_batch(model, tok, encoded, budgets, choose, device)
+    return out
+
+
+def _decode_batch(model, tok, encoded, budgets, choose, device) -> List[List[int]]:
+    """New token ids per row: left-padded prompts, explicit positions, one cached forward per step.
+
+    ``choose(last_logits, active_rows)`` returns ``{row: next id}`` for the rows whose budget is not spent;
+    the other rows are fed padding, which no later token of theirs reads."""
     new_tokens: List[List[int]] = [[] for _ in encoded]
-    steps = max(budgets)
+    steps = max(budgets, default=0)
     if steps == 0:
         return new_tokens
     options = _forward_kwargs(model)
@@ -127,15 +169,12 @@ def _sample_batch(model, tok, encoded, generators, max_out_len: int, top_k: int,
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **options)
     pad = pad_token_id(tok)
     for step in range(steps):
-        probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
-        top = torch.topk(probs, top_k, dim=-1)
-        top_probs, top_ids = top.values.cpu(), top.indices.cpu()
+        active = [row for row, budget in enumerate(budgets) if step < budget]
+        picked = choose(out.logits[:, -1, :], active)
         next_ids = torch.full((len(encoded),), pad, dtype=torch.long)
-        for row, generator in enumerate(generators):
-            if step < budgets[row]:
-                choice = torch.multinomial(top_probs[row] / top_probs[row].sum(), 1, generator=generator)
-                next_ids[row] = top_ids[row, choice.item()]
-                new_tokens[row].append(int(next_ids[row]))
+        for row, token in picked.items():
+            next_ids[row] = token
+            new_tokens[row].append(token)
         if step == steps - 1:
             break
         cache = out.get("cache", None) or out.get("past_key_values", None)
