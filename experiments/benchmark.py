@@ -43,6 +43,7 @@ from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.driver import (COUNTERFACT_DATASETS, Evaluator, RunError, check_algorithm_name,  # noqa: E402
                                 load_hparams, load_records, parse_algorithm_spec, record_to_request,
                                 resolve_hparams_path, set_seed)
+from experiments.free_generation import FreeGeneration  # noqa: E402
 from experiments.metrics import (COUNTERFACT, FREE_METRICS, TOP1_METRICS, counterfact_case_metrics,  # noqa: E402
                                  summarize_stage)
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
@@ -265,7 +266,9 @@ def main(argv=None) -> dict:
         "model": args.model_name, "ds_name": args.ds_name, "num_edits": args.num_edits, "rounds": args.rounds,
         "seed": args.seed, "matmul_gflops_per_second": matmul, "dtype": args.dtype,
         # A random-weight model (util.random_models): the seconds and memory hold, edit quality means nothing.
-        "random_weights": is_random_model_name(args.model_name), "rows": [],
+        "random_weights": is_random_model_name(args.model_name),
+        # how the *_free rates were decoded and judged (experiments/free_generation.py)
+        "free_generation": FreeGeneration().to_dict(), "rows": [],
     }
     for spec in tqdm(specs, desc="algorithms", unit="alg"):
         result["rows"].append(run_algorithm(spec, args, records, context, evaluate_case))

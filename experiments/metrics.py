@@ -113,19 +113,24 @@ def counterfact_case_metrics(stage: dict, stage_name: str = "post") -> dict[str,
     for metric, key in (("fluency", "ngram_entropy"), ("consistency", "reference_score")):
         value = stage.get(key)
         out[metric] = None if value is None else as_number(value, f"'{stage_name}.{key}'")
-    out.update(_boolean_rates(stage, TOP1_KEYS, stage_name))
+    out.update(_boolean_rates(stage, TOP1_KEYS, stage_name, strict=False))
     out.update(_boolean_rates(stage, FREE_KEYS, stage_name))
     return out
 
 
-def _boolean_rates(stage: dict, keys: dict[str, str], stage_name: str) -> dict[str, float | None]:
-    """Mean of a list of per-prompt booleans for each metric; ``None`` when the key is absent or empty."""
+def _boolean_rates(stage: dict, keys: dict[str, str], stage_name: str, strict: bool = True) -> dict[str, float | None]:
+    """Mean of a list of per-prompt booleans for each metric; ``None`` when the key is absent or empty.
+    Not ``strict`` (keys older files may have filled otherwise, e.g. per-token lists): ``None`` instead of
+    an error for other values."""
     out: dict[str, float | None] = {}
     for metric, key in keys.items():
-        entries = _entries(stage, key, stage_name)
+        entries = _entries(stage, key, stage_name) if strict else stage.get(key)
         values = []
-        for i, value in enumerate(entries or []):
+        for i, value in enumerate(entries if isinstance(entries, list) else []):
             if not isinstance(value, bool):
+                if not strict:
+                    values = []
+                    break
                 raise ValueError(f"'{stage_name}.{key}[{i}]' must be a boolean, got {value!r}")
             values.append(float(value))
         out[metric] = float(np.mean(values)) if values else None

@@ -586,17 +586,19 @@ def test_sampling_unchanged_by_the_shared_decoding_loop(tiny_gpt2, tiny_tok):
 def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_tok, data_dir):
     model, tok = embedded_model_and_tok
     records = CounterFactDataset(data_dir, size=10)
-    margins, correct = [], []
+    margins, correct, said_new = [], [], []
     for record in records:
         rewrite_only = dict(record, paraphrase_prompts=[], neighborhood_prompts=[])
         out = compute_rewrite_quality_counterfact(model, tok, rewrite_only, skip_generation=True)
         probs = out["rewrite_prompts_probs"][0]
         margins.append(probs["target_new"] - probs["target_true"])
         correct += out["rewrite_prompts_correct"]
+        said_new += out["rewrite_prompts_generated_correct"]
     # measured (SmolLM2-135M-Instruct, Q4_1 dequantised): 7 of 10 positive, mean margin 1.25 nats
     assert sum(m > 0 for m in margins) >= 6
     assert np.mean(margins) > 0.5
     assert not any(correct)  # before editing, no counterfactual target is the top-1 continuation
+    assert not any(said_new)  # ... nor what the model says when it decodes freely
     # well-known facts: "Porsche 911, created by" Porsche (vs Honda), Gilad Atzmon's language Hebrew (vs Italian)
     assert margins[1] > 2 and margins[4] > 2
 
@@ -606,3 +608,7 @@ def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_t
     assert all(p["target_new"] - p["target_true"] > 1 for p in full["neighborhood_prompts_probs"])
     # measured: 4 of the 10 neighbourhood prompts continue with " Porsche" (target_true) as top-1 tokens
     assert sum(full["neighborhood_prompts_correct"]) >= 2 and not any(full["paraphrase_prompts_correct"])
+    # a free answer that begins with " Porsche" is the top-1 continuation under teacher forcing as well
+    free = full["neighborhood_prompts_generated_correct"]
+    assert all(tf for tf, said in zip(full["neighborhood_prompts_correct"], free) if said)
+    assert all(text.strip() for text in full["neighborhood_prompts_generated_text"])

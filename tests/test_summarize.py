@@ -630,7 +630,10 @@ def test_benchmark_rows_carry_the_free_generation_rates():
                      paraphrase_prompts_correct=[False], neighborhood_prompts_correct=[True],
                      **free_keys([False], [False], [True]))
     quality = benchmark.edit_quality([sm.counterfact_case_metrics(stage)] * 2)
+    assert set(benchmark.QUALITY_METRICS) == set(quality) and len(quality) == 9
     assert (quality["efficacy"], quality["efficacy_top1"], quality["efficacy_free"]) == (100.0, 100.0, 0.0)
     assert (quality["generalization_top1"], quality["specificity_free"]) == (0.0, 100.0)
     old = benchmark.edit_quality([sm.counterfact_case_metrics(cf_stage([(1.0, 3.0)], [], [(3.0, 1.0)]))])
     assert old["efficacy"] == 100.0 and old["efficacy_free"] is None
+    # *_correct filled otherwise by older files: no top-1 rate, no error
+    assert sm.counterfact_case_metrics({**stage, "rewrite_prompts_correct": [[True, False]]})["efficacy_top1"] is None
