@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from editing.requests import check_request
 from editing.sequential import SequentialState
 from experiments.algorithms import Algorithm, algorithm_names
 from util.errors import ECEError
@@ -136,10 +137,9 @@ def load_records(ds_name: str, data_dir: Optional[str], limit: Optional[int]) ->
 
 
 def record_to_request(record: dict) -> dict:
-    rewrite = record["requested_rewrite"]
-    if rewrite["prompt"].count("{}") != 1:
-        raise RunError(f"case {record['case_id']}: prompt {rewrite['prompt']!r} must contain '{{}}' for the subject once")
-    return {"case_id": record["case_id"], **rewrite}
+    """The request of a dataset record: its ``requested_rewrite`` with the case id. A record that cannot be
+    edited (no ``{}`` placeholder, no subject, an empty target) raises :class:`RequestError` naming its case."""
+    return check_request(record, record.get("case_id"), label="case", from_dataset=True)
 
 
 def case_path(run_dir: Path, num_edits: int, case_id) -> Path:

@@ -11,3 +11,8 @@ class ECEError(Exception):
 
 class SettingError(ECEError, ValueError):
     """A setting (command-line value, globals.yml entry) that cannot be used."""
+
+
+class RequestError(ECEError, ValueError):
+    """An edit request that cannot be edited (no placeholder, empty target, ...); the message names the
+    request by its number and subject and says how to fix it."""
