@@ -18,7 +18,6 @@ appears only when complete; an earlier edited model there is replaced.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -68,8 +67,7 @@ def parse_args(argv=None):
 
 
 def flag_request(args) -> dict:
-    request = {key: getattr(args, key) for key in FLAG_FIELDS if getattr(args, key) is not None}
-    return request
+    return {key: getattr(args, key) for key in FLAG_FIELDS if getattr(args, key) is not None}
 
 
 def one_line(text: str) -> str:

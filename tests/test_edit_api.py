@@ -112,6 +112,44 @@ def test_hparams_from_a_file_a_dict_overrides_or_the_shipped_file(tiny_llama, ti
         Editor(tiny_llama, tiny_tok, "ECE", ece_values, model_name="tiny")
 
 
+def algorithm_values(make_hparams, name: str) -> dict:
+    """Hparams of any registered algorithm for the tiny GPT-2 (Conv1D weights)."""
+    from experiments.algorithms import get_algorithm
+
+    if name == "FT":
+        return {"layers": [1], "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "num_steps": 5, "lr": 0.01,
+                "weight_decay": 0, "norm_constraint": False}
+    layers = {"layers": [2]} if name == "ROME" else {}
+    return hparams_values(make_hparams, "gpt2", get_algorithm(name).hparams_class, fact_token="last", **layers)
+
+
+ALGORITHMS = ["ROME", "MEMIT", "MEMIT_seq", "FT", "AlphaEdit", "MEMIT_prune", "MEMIT_rect", "ECE_WI", "ECE_AS",
+              "ECE_RS", "ECE_GA"]
+
+
+def test_the_algorithm_list_is_the_registry():
+    from experiments.algorithms import algorithm_names
+
+    assert sorted(ALGORITHMS) == algorithm_names()
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_edits_through_the_one_entry_point(name, tiny_tok, stats_dir, make_hparams):
+    from tests.conftest import make_tiny_gpt2
+
+    model = sharpen(make_tiny_gpt2())
+    original = all_weights(model)
+    result = edit(model, tiny_tok, [EIFFEL, MILES], alg=name, hparams=algorithm_values(make_hparams, name),
+                  model_name="tiny-gpt2")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed == {f"{module}.weight" for module in result._editor.modules}
+    assert all(r.steps >= 1 and r.after.new != r.before.new for r in result.requests)
+    assert sum(r.after.new > r.before.new for r in result.requests) >= 1
+    assert (result.explanation is not None) == name.startswith("ECE")
+    result.restore()
+    assert same_weights(original, all_weights(model))
+
+
 BAD_REQUESTS = [
     ({**MILES, "prompt": "Miles Davis plays the"}, None),  # fine: the subject's text becomes the placeholder
     ({**MILES, "prompt": "He plays the"}, "has no '{}' and does not contain the subject; write '{}'"),
