@@ -35,6 +35,7 @@ from experiments.driver import (DATASETS, STAGE_LABELS, DownstreamSchedule, Eval
                                 case_path, continue_run_dir, effective_hparams_file, explanation_path,
                                 check_algorithm_name, load_hparams, load_records, record_to_request,
                                 resolve_hparams_path, save_sequential_state, set_seed, start_run_dir, state_edits)
+from experiments.free_generation import FreeGeneration  # noqa: E402
 from experiments.progress import RunClock  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hparams import parse_overrides  # noqa: E402
@@ -70,6 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_edits", type=int, default=1, help="records edited together in one round")
     parser.add_argument("--continue_from_run", default=None, help="resume results/<ALG>/run_NNN")
     parser.add_argument("--skip_generation_tests", action="store_true", help="no fluency/consistency")
+    parser.add_argument("--skip_free_generation", action="store_true",
+                        help="no free-generation metric (greedy answers judged as text, docs/DESIGN.md section 7; "
+                             "about 3x the teacher-forced scoring's time, little next to the generation tests)")
     parser.add_argument("--generation_test_interval", type=int, default=1, help="generation tests every N-th case id")
     parser.add_argument("--generation_protocol", choices=["published", "greedy"], default="published",
                         help="fluency/consistency texts: published = MEMIT's top-k 5 sampling, 100 tokens with the "
@@ -124,6 +128,7 @@ def main(argv=None) -> Path:
         "hparams_overrides": overrides, "eval_batch_size": args.eval_batch_size,
         "ds_name": args.ds_name, "dataset_size_limit": args.dataset_size_limit, "num_edits": args.num_edits,
         "sequential": sequential, "seed": args.seed, "generation_protocol": args.generation_protocol,
+        "free_generation": None if args.skip_free_generation else FreeGeneration().to_dict(),
         "device": args.device, "dtype": args.dtype,
         "device_map": args.device_map, "hparams": hparams.to_dict(), "evaluation_stages": STAGE_LABELS,
         "downstream_eval_steps": args.downstream_eval_steps, "argv": sys.argv if argv is None else list(argv),
@@ -142,7 +147,8 @@ def main(argv=None) -> Path:
     original_weights = snapshot_weights(model, edited_modules)
     evaluate_case = Evaluator(args.ds_name, args.data_dir, args.skip_generation_tests,
                               args.generation_test_interval, batch_size=args.eval_batch_size,
-                              generation_protocol=args.generation_protocol, seed=args.seed)
+                              generation_protocol=args.generation_protocol, seed=args.seed,
+                              free_generation=not args.skip_free_generation)
 
     state_file = run_dir / "sequential_state.pt"
     state: Optional[SequentialState] = None

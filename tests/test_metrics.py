@@ -570,6 +570,35 @@ def test_free_generation_decodes_like_an_unbatched_argmax_loop(request, model_fi
     assert top1_checked >= 2
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_skip_free_generation_flag_reaches_the_cases_and_params(flag, tiny_tok, data_dir, tmp_path, monkeypatch):
+    """``--skip_free_generation``: params.json says whether the metric ran, and the evaluator leaves its keys out."""
+    import experiments.evaluate as evaluate
+    from experiments.driver import Evaluator
+
+    monkeypatch.setenv("ECE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("ECE_DATA_DIR", str(data_dir))
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # after params.json is written, before any model is loaded
+
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", stop)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["--model_name", "smollm2-135m", "--device", "cpu", "--alg_name", "MEMIT", "--hparams_fname",
+                       "smollm2-135m.json", "--dataset_size_limit", "1", *(["--skip_free_generation"] * flag)])
+    params = json.loads((tmp_path / "results" / "MEMIT" / "run_000" / "params.json").read_text())
+    assert params["free_generation"] == (None if flag else FreeGeneration().to_dict())
+
+    model = _scripted_free_model(tiny_tok)
+    cf = Evaluator("mcf", data_dir, skip_generation=True, interval=1, batch_size=32, free_generation=not flag)
+    zsre = Evaluator("zsre", data_dir, skip_generation=True, interval=1, batch_size=32, free_generation=not flag)
+    zsre_record = {"case_id": 0, "requested_rewrite": FREE_RECORD["requested_rewrite"], "paraphrase_prompts": [],
+                   "neighborhood_prompts": [{"prompt": "Notre-Dame is in", "target": "Paris"}]}
+    for out in (cf(model, tiny_tok, FREE_RECORD), zsre(model, tiny_tok, zsre_record)):
+        assert ("rewrite_prompts_generated_correct" in out) is (not flag)
+        assert ("free_generation" in out) is (not flag) and "rewrite_prompts_correct" in out
+
+
 def test_sampling_unchanged_by_the_shared_decoding_loop(tiny_gpt2, tiny_tok):
     """The published protocol's texts are still the step-by-step top-k draws of each prompt's generator."""
     prompts = ["Paris is known for", "The people"]
