@@ -397,7 +397,10 @@ def save_edited_model(save_dir, editor: Editor, results: Sequence[EditResult]) -
         if AutoTokenizer.from_pretrained(tmp)(probe)["input_ids"] != editor.tok(probe)["input_ids"]:
             raise RuntimeError("the saved tokenizer encodes text differently from the one in memory")
         atomic_write_json(tmp / MANIFEST_FILE, edit_manifest(editor, results), indent=2)
-        os.chmod(tmp, 0o755 & ~_umask())
+        # Temporary folders and files are private (0700/0600); the saved model is readable like any other.
+        os.chmod(tmp, 0o777 & ~_umask())
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~_umask())
         if save_dir.exists() and any(save_dir.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", suffix=".old", dir=save_dir.parent))
             os.replace(save_dir, old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -281,6 +282,9 @@ def test_saved_model_reloads_with_transformers_and_gives_the_same_logits(tiny_ll
     assert save_edited_model(out, editor, [result]) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited", "stats"]  # no temporary folder left
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())  # not the temporary 0600
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
