@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,13 +83,13 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
 
 
 def test_the_tokenizer_option_reads_a_local_folder(tmp_path):
-    from util.paths import get_paths
+    from util.models import embedded_model_dir
     from util.random_models import load_random_tokenizer
 
     folder = tmp_path / "tok"
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(get_paths().models_dir / "smollm2-135m" / name, folder / name)
+        shutil.copy(Path(embedded_model_dir("smollm2-135m")) / name, folder / name)
     tok = load_random_tokenizer(f"random:gpt2-xl?tokenizer={folder}")
     assert len(tok) == 49152 and tok("Paris").input_ids[0] == tok.bos_token_id  # SmolLM2's document start
 
@@ -190,12 +191,12 @@ def test_script_fails_when_the_device_is_missing(tmp_path, data_dir):
 def test_script_measures_paper_scale_with_only_the_tokenizer_files(tmp_path, data_dir):
     """A device machine receives at most 64 MiB: the embedded tokenizer's files, not its weights. Step 1 is
     skipped (and the script fails), the random models are measured all the same."""
-    from util.paths import get_paths
+    from util.models import embedded_model_dir
 
     models = tmp_path / "models"
     (models / "smollm2-135m").mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(get_paths().models_dir / "smollm2-135m" / name, models / "smollm2-135m" / name)
+        shutil.copy(Path(embedded_model_dir("smollm2-135m")) / name, models / "smollm2-135m" / name)
     result = run_script(tmp_path, data_dir, SCALE="tiny", DEVICE="cpu", TOTAL_S="90", ECE_MODELS_DIR=str(models))
     out = tmp_path / "out"
     verdicts = step_verdicts(out)

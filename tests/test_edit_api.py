@@ -424,15 +424,19 @@ def test_command_flags_need_subject_prompt_and_target(capsys):
 
 # -- the embedded model -------------------------------------------------------------------------------
 
-def test_acceptance_eiffel_tower_in_rome_on_the_embedded_model(embedded_model_and_tok, tmp_path):
-    """The issue's check in-process: edit, save, reload with transformers, " Rome" ranks first."""
+def test_acceptance_eiffel_tower_in_rome_on_the_embedded_model(embedded_model_and_tok, tmp_path, data_dir,
+                                                                monkeypatch):
+    """The issue's check in-process: edit, save, reload with transformers, " Rome" ranks first. Statistics
+    from the real WikiText files, fewer samples than shipped (test speed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from util.generate import generate_texts
     from util.weights import load_weights
 
     model, tok = embedded_model_and_tok
-    editor = Editor(model, tok, "ECE_WI")
+    monkeypatch.setenv("ECE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("ECE_STATS_DIR", str(tmp_path / "stats"))
+    editor = Editor(model, tok, "ECE_WI", overrides={"mom2_n_samples": 400})
     assert editor.hparams_source.endswith("hparams/ECE/smollm2-135m.json")
     try:
         result = editor.edit([{k: v for k, v in EIFFEL.items() if k != "target_true"}])
