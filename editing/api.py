@@ -384,7 +384,7 @@ def save_edited_model(save_dir, editor: Editor, results: Sequence[EditResult]) -
 
     from transformers import AutoTokenizer
 
-    from util.io import atomic_write_json
+    from util.io import atomic_write_json, current_umask
 
     save_dir = check_save_dir(save_dir)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -398,9 +398,10 @@ def save_edited_model(save_dir, editor: Editor, results: Sequence[EditResult]) -
             raise RuntimeError("the saved tokenizer encodes text differently from the one in memory")
         atomic_write_json(tmp / MANIFEST_FILE, edit_manifest(editor, results), indent=2)
         # Temporary folders and files are private (0700/0600); the saved model is readable like any other.
-        os.chmod(tmp, 0o777 & ~_umask())
+        mask = current_umask()
+        os.chmod(tmp, 0o777 & ~mask)
         for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~_umask())
+            os.chmod(path, 0o666 & ~mask)
         if save_dir.exists() and any(save_dir.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", suffix=".old", dir=save_dir.parent))
             os.replace(save_dir, old)
@@ -414,14 +415,6 @@ def save_edited_model(save_dir, editor: Editor, results: Sequence[EditResult]) -
         shutil.rmtree(old, ignore_errors=True)
     LOG.info("edited model saved in %s", save_dir)
     return save_dir
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def editor_for(model, tok, alg: str = DEFAULT_ALGORITHM, hparams=None, overrides: Optional[dict] = None,
