@@ -5,6 +5,9 @@ edited layer; spectral clustering (scikit-learn, precomputed affinity) groups th
 clusters is fixed (``n_clusters``) or chosen by the largest eigengap of the normalised Laplacian, at
 most ``max_clusters``. Never more clusters than distinct neuron sets: one request, or requests with
 identical sets (always the case for ``WI``), make one cluster without calling scikit-learn.
+
+The controls that ask whether neuron overlap helps (``cluster_by``): one cluster per relation
+(``relation_clusters``), the neuron clusters' sizes with random members (``shuffled_clusters``), or one cluster.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from editing.requests import request_name
+from util.errors import RequestError
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +73,22 @@ def cluster_requests(neuron_sets: Sequence[torch.Tensor], n_clusters: Optional[i
         labels = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed,
                                     assign_labels="cluster_qr").fit_predict(affinity)
     return _relabel(labels)
+
+
+def relation_clusters(requests: Sequence[dict]) -> np.ndarray:
+    """One cluster per CounterFact ``relation_id``; :class:`RequestError` naming the first request without one
+    (EasyEdit records and the API's requests may have none)."""
+    for index, request in enumerate(requests):
+        if request.get("relation_id") is None:
+            raise RequestError(f"{request_name(index, request.get('subject'))}, case_id {request.get('case_id')!r}: "
+                               "no relation_id, which cluster_by \"relation\" groups by; use cluster_by \"neurons\" "
+                               "(or another value) for requests without one")
+    return _relabel(np.array([str(r["relation_id"]) for r in requests]))
+
+
+def shuffled_clusters(labels: np.ndarray, seed: int) -> np.ndarray:
+    """``labels`` moved to random requests: clusters of the same sizes whose members share nothing but chance."""
+    return _relabel(labels[np.random.default_rng(seed).permutation(len(labels))])
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:

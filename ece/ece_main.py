@@ -11,7 +11,7 @@ of step 4 (``make_solver``) and step 5 (``refine``), and writes the round's expl
    (AS_main.py:113-125); AS and RS score the loop's own keys. Otherwise every layer is scored up front.
 2. Cluster: requests whose own neuron sets at the first edited layer overlap are grouped
    (``ece.cluster``); those scores are taken before any update, where the first layer's in-loop scores
-   would be taken too.
+   would be taken too. ``cluster_by`` replaces the grouping with a control (relation, shuffled, single).
 3. Batch-optimise: one target-value loop per cluster (``editing.target_values``, shared with MEMIT).
 4. Update: MEMIT's layer loop (``editing.update``) with the solve restricted to the columns ``S(l)``:
    ``Delta[:, S] = R K_S^T (lambda C0[S,S] + C_prev[S,S] + K_S K_S^T)^{-1}``, other columns untouched
@@ -25,12 +25,14 @@ round is exactly MEMIT_seq with one target loop for the round.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ece.cluster import cluster_requests, jaccard_similarity, optimisation_loops
+from ece.cluster import (cluster_requests, jaccard_similarity, optimisation_loops, relation_clusters,
+                         shuffled_clusters)
 from ece.explain import SCORE_METHODS, neuron_scores, scores_from_keys, select_neurons
 from ece.hparams import ECEHyperParams
 from editing.context import EditContext
@@ -148,6 +150,8 @@ class ECERound:
         self.own_sets: List[torch.Tensor] = []  # each request's own set at the first edited layer
         self.labels = np.zeros(0, dtype=int)  # cluster of each request
         self.loops: List[List[int]] = []
+        # Grouped by relation: known (or refused) before anything is computed.
+        self.relation_labels = relation_clusters(requests) if hparams.cluster_by == "relation" else None
         self.values: Optional[TargetValues] = None
         self.errors: Optional[torch.Tensor] = None  # remaining error of each request after the last pass
         self.refinements: List[dict] = []
@@ -168,13 +172,22 @@ class ECERound:
             first = self.selection.scores[layers[0]]
             self.own_sets = [select_neurons(row, threshold) for row in first]
         with timed(seconds, "cluster"):
-            self.labels = cluster_requests(self.own_sets, hparams.n_clusters, hparams.max_clusters, seed=self.seed,
-                                           width=first.shape[1])
+            self.labels = self.cluster_labels(width=first.shape[1])
             self.loops = optimisation_loops(self.labels, loop_size(model, hparams))
         LOG.info("ECE_%s: %d requests in %d clusters (%d loops); layers scored %s", method, len(requests),
                  int(self.labels.max()) + 1 if len(self.labels) else 0, len(self.loops),
                  "in the layer loop, after the earlier layers' update" if self.scored_in_loop else "before the update")
         return self.loops
+
+    def cluster_labels(self, width: int) -> np.ndarray:
+        """Each request's cluster, by ``cluster_by``: neuron overlap (spectral), or a control."""
+        hparams, n = self.hparams, len(self.requests)
+        if hparams.cluster_by == "relation":
+            return self.relation_labels
+        if hparams.cluster_by == "single":
+            return np.zeros(n, dtype=int)
+        labels = cluster_requests(self.own_sets, hparams.n_clusters, hparams.max_clusters, seed=self.seed, width=width)
+        return shuffled_clusters(labels, self.seed) if hparams.cluster_by == "shuffled" else labels
 
     def make_solver(self, hparams, second_moments, state: Optional[SequentialState]) -> Solver:
         return restricted_solver(hparams, second_moments, state, self.selection)
@@ -219,12 +232,17 @@ class ECERound:
             members = np.flatnonzero(labels == label)
             block = similarity[np.ix_(members, members)]
             pairs = len(members) * (len(members) - 1)
-            clusters.append({
+            cluster = {
                 "cluster": int(label), "size": len(members),
                 "case_ids": [requests[i].get("case_id") for i in members],
                 "mean_jaccard": float((block.sum() - len(members)) / pairs) if pairs else 1.0,
                 "loops": sum(1 for loop in self.loops if loop[0] in members),
-            })
+            }
+            relations = Counter(str(requests[i]["relation_id"]) for i in members
+                                if requests[i].get("relation_id") is not None)
+            if relations:  # how far the cluster follows CounterFact's relations
+                cluster["relations"] = dict(relations.most_common())
+            clusters.append(cluster)
         per_request = []
         for j, request in enumerate(requests):
             per_request.append({
@@ -238,6 +256,7 @@ class ECERound:
             })
         return {
             "method": f"ECE_{self.method}", "neuron_threshold": hparams.neuron_threshold, "z_mode": hparams.z_mode,
+            "cluster_by": hparams.cluster_by,
             "scored_after_update": self.scored_in_loop,
             "n_requests": len(requests), "n_clusters": len(clusters), "n_loops": len(self.loops),
             "seconds": seconds, "layers": layers, "clusters": clusters, "requests": per_request,

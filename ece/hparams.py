@@ -8,6 +8,9 @@ from editing.hparams import LocateEditHyperParams
 from util.hparams import require
 
 Z_MODES = ("per_request", "shared")
+# What makes the clusters: neuron overlap (ECE), or the controls that tell whether it helps: the relation
+# of each fact, the neuron clusters' sizes with random members, one cluster (docs/DESIGN.md 5.7, step 2).
+CLUSTER_BY = ("neurons", "relation", "shuffled", "single")
 
 
 @dataclass
@@ -21,9 +24,11 @@ class ECEHyperParams(LocateEditHyperParams):
     score_layers_after_update: bool = True
     # GA only: integrated-gradient steps from a zero activation (0: plain gradient x activation).
     ig_steps: int = 0
-    # Cluster: a fixed number of clusters, or None for the eigengap choice up to max_clusters.
+    # Cluster: a fixed number of clusters, or None for the eigengap choice up to max_clusters; both apply to
+    # cluster_by "neurons" and "shuffled" only.
     n_clusters: Optional[int] = None
     max_clusters: int = 10
+    cluster_by: str = "neurons"
     # Batch-optimise: one delta per request, or one per cluster (ablation); at most z_batch_size
     # requests per loop. None: a cluster is one loop on a GPU; on a CPU, per_request clusters are split
     # into loops of editing.target_values.CPU_REQUESTS_PER_LOOP (the fastest size there; same values).
@@ -41,6 +46,7 @@ class ECEHyperParams(LocateEditHyperParams):
         require(self.ig_steps >= 0, source, "ig_steps", "must be >= 0 (0: gradient x activation)")
         require(self.n_clusters is None or self.n_clusters >= 1, source, "n_clusters", "must be >= 1 or null (automatic)")
         require(self.max_clusters >= 1, source, "max_clusters", "must be >= 1")
+        require(self.cluster_by in CLUSTER_BY, source, "cluster_by", f"must be one of {CLUSTER_BY}")
         require(self.z_mode in Z_MODES, source, "z_mode", f"must be one of {Z_MODES}")
         require(self.z_batch_size is None or self.z_batch_size >= 1, source, "z_batch_size", "must be >= 1 or null")
         require(self.max_iterations >= 1, source, "max_iterations", "must be >= 1 (1: no refinement)")

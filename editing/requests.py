@@ -8,7 +8,7 @@ Every request is checked before anything is loaded, edited or written, and the e
 Accepted shapes, one object per fact:
 
 - simple: ``{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-  "target_true": "Paris"}`` (``target_true`` and ``case_id`` optional);
+  "target_true": "Paris"}`` (``target_true``, ``case_id`` and ``relation_id`` optional);
 - MEMIT's: the same with ``{"str": ...}`` targets, or a whole CounterFact record with ``requested_rewrite``.
 
 A prompt may hold the subject's text instead of ``{}`` (EasyEdit's shape); its first occurrence becomes the
@@ -92,7 +92,7 @@ def check_request(raw, index, label: str = "request", from_dataset: bool = False
         unknown = sorted(set(raw) - set(REQUEST_KEYS))
         if unknown:
             raise RequestError(f"{name}: unknown key(s) {unknown}; a request has prompt, subject, target_new and "
-                               "optionally target_true and case_id")
+                               "optionally target_true, case_id and relation_id")
     if not isinstance(subject, str) or not subject.strip():
         raise RequestError(f"{name}: no subject; give the entity whose fact changes, e.g. "
                            "\"subject\": \"The Eiffel Tower\"")
@@ -112,6 +112,8 @@ def check_request(raw, index, label: str = "request", from_dataset: bool = False
     request = {"case_id": case_id, "prompt": prompt, "subject": subject, "target_new": {"str": target_new}}
     if target_true is not None:
         request["target_true"] = {"str": target_true}
+    if rewrite.get("relation_id") is not None:  # what ECE's cluster_by "relation" groups by
+        request["relation_id"] = str(rewrite["relation_id"])
     return request
 
 

@@ -8,12 +8,15 @@ import torch
 
 from baselines.memit import apply_memit_to_model
 from ece import ECEHyperParams, apply_ece_to_model
-from ece.cluster import cluster_requests, eigengap_cluster_count, jaccard_similarity, optimisation_loops
+from ece.cluster import (cluster_requests, eigengap_cluster_count, jaccard_similarity, optimisation_loops,
+                         relation_clusters, shuffled_clusters)
+from ece.ece_main import ECERound
 from ece.explain import column_l1_norms, neuron_scores, select_neurons
 from editing.keys import compute_keys
 from editing.sequential import SequentialState
 from editing.target_values import compute_target_values
 from util.hooks import get_module
+from util.errors import RequestError
 from util.hparams import HParamsError
 from util.weights import read_weight
 
@@ -86,6 +89,48 @@ def test_optimisation_loops_split_large_clusters():
     labels = np.array([0, 1, 0, 0, 1, 0, 0])
     assert optimisation_loops(labels, None) == [[0, 2, 3, 5, 6], [1, 4]]
     assert optimisation_loops(labels, 2) == [[0, 2], [3, 5], [6], [1, 4]]
+
+
+def separated_neuron_sets(groups: int = 2, per_group: int = 4) -> list:
+    """Requests whose sets come from ``groups`` disjoint neuron ranges, interleaved: clusters 0, 1, 0, 1, ..."""
+    rng = np.random.default_rng(0)
+    ranges = [np.arange(50 * g, 50 * g + 40) for g in range(groups)]
+    return [torch.tensor(sorted(rng.choice(r, 30, replace=False))) for r in ranges * per_group]
+
+
+def test_relation_clusters_group_by_relation_in_order_of_first_appearance():
+    requests = [{"subject": f"S{i}", "relation_id": r} for i, r in enumerate(["P17", "P36", "P17", "P1303", "P36"])]
+    assert relation_clusters(requests).tolist() == [0, 1, 0, 2, 1]
+    assert relation_clusters([]).tolist() == []
+    requests[3] = {"case_id": 7, "subject": "Miles Davis"}  # an EasyEdit record: no relation_id
+    with pytest.raises(RequestError, match=r"request 3 \(subject 'Miles Davis'\), case_id 7: no relation_id.*"
+                                           r"use cluster_by \"neurons\""):
+        relation_clusters(requests)
+
+
+def test_checked_requests_keep_their_relation_id(edit_requests):
+    """The API's request checks pass relation_id on, in both shapes, so cluster_by "relation" works there too."""
+    from editing.requests import check_requests
+
+    simple = {"prompt": "{} plays the", "subject": "Miles Davis", "target_new": "piano", "relation_id": "P1303"}
+    memit_form = {"case_id": 9, "requested_rewrite": {**edit_requests[1], "relation_id": "P131"}}
+    checked = check_requests([simple, memit_form, edit_requests[0]])
+    assert [r.get("relation_id") for r in checked] == ["P1303", "P131", None]
+
+
+def test_shuffled_clusters_keep_the_sizes_and_move_the_members():
+    neuron_labels = cluster_requests(separated_neuron_sets(2, 5), n_clusters=None, max_clusters=5, seed=0, width=100)
+    assert neuron_labels.tolist() == [0, 1] * 5  # a neuron clustering with two clusters
+    uneven = np.array([0, 1, 1, 0, 2, 1, 1, 0, 2, 1])  # sizes 3, 5, 2
+    for labels in (neuron_labels, uneven):
+        shuffled = {seed: shuffled_clusters(labels, seed) for seed in range(5)}
+        for seed, moved in shuffled.items():
+            assert sorted(np.bincount(moved).tolist()) == sorted(np.bincount(labels).tolist())
+            first_seen = list(dict.fromkeys(moved.tolist()))
+            assert first_seen == list(range(len(first_seen)))  # numbered by first appearance
+            assert (shuffled_clusters(labels, seed) == moved).all()  # reproducible for a seed
+        assert any((moved != labels).any() for moved in shuffled.values())  # not the neuron partition
+        assert len({tuple(moved.tolist()) for moved in shuffled.values()}) > 1  # the seed decides
 
 
 def test_loop_size_follows_the_device_unless_the_hparams_set_it(tiny_llama, ece_hparams):
@@ -308,6 +353,70 @@ def test_refinement_reruns_only_requests_in_the_error_band(tiny_llama, tiny_tok,
     assert report.explanation["refinement"] == []
 
 
+def with_relations(requests: list, relations: list) -> list:
+    return [{**request, "relation_id": relation} for request, relation in zip(requests, relations)]
+
+
+def test_cluster_by_decides_which_requests_share_a_loop(tiny_llama, tiny_tok, more_requests, context_templates,
+                                                        ece_hparams):
+    """The controls replace only the grouping: "relation" groups by relation_id, "single" makes one loop,
+    "shuffled" gives the neuron clusters' sizes to random members; "neurons", the default, is the spectral
+    clustering of the requests' own sets."""
+    requests = with_relations(more_requests, ["P17", "P36", "P17", "P36"])
+
+    def plan(**overrides):
+        hp = ece_hparams("llama", neuron_threshold=0.5, n_clusters=2, **overrides)
+        ece = ECERound(tiny_llama, tiny_tok, requests, hp, "AS", seed=3)
+        return ece, ece.plan_loops(context_templates, {})
+
+    neurons, loops = plan()
+    assert neurons.hparams.cluster_by == "neurons"
+    width = read_weight(tiny_llama, neurons.hparams.rewrite_module(1)).shape[1]
+    expected = cluster_requests(neurons.own_sets, n_clusters=2, max_clusters=4, seed=3, width=width)
+    assert neurons.labels.tolist() == expected.tolist() and len(set(expected.tolist())) == 2
+    assert loops == optimisation_loops(expected, None)
+    shuffled, loops = plan(cluster_by="shuffled")
+    assert shuffled.labels.tolist() == shuffled_clusters(expected, 3).tolist()
+    assert sorted(np.bincount(shuffled.labels)) == sorted(np.bincount(expected))
+    assert loops == optimisation_loops(shuffled.labels, None)
+    relation, loops = plan(cluster_by="relation")
+    assert relation.labels.tolist() == [0, 1, 0, 1] and loops == [[0, 2], [1, 3]]
+    for z_mode in ("per_request", "shared"):
+        single, loops = plan(cluster_by="single", z_mode=z_mode)
+        assert single.labels.tolist() == [0, 0, 0, 0] and loops == [[0, 1, 2, 3]]
+
+
+def test_explanation_records_cluster_by_and_the_relations_of_each_cluster(tiny_llama, tiny_tok, stats_dir,
+                                                                          more_requests, ece_hparams, fixed_context):
+    requests = with_relations(more_requests, ["P17", "P36", "P17", "P36"])
+    hp = ece_hparams("llama", cluster_by="relation", v_num_grad_steps=3)
+    explanation = apply_ece_to_model(tiny_llama, tiny_tok, requests, hp, fixed_context(), None,
+                                     method="WI").explanation
+    assert explanation["cluster_by"] == "relation" and explanation["n_clusters"] == 2
+    assert [(c["case_ids"], c["relations"]) for c in explanation["clusters"]] == \
+        [([0, 2], {"P17": 2}), ([1, 3], {"P36": 2})]
+    assert [r["cluster"] for r in explanation["requests"]] == [0, 1, 0, 1]
+    # WI's identical sets make one neuron cluster; a request without relation_id is left out of the counts.
+    requests[2].pop("relation_id")
+    explanation = apply_ece_to_model(tiny_llama, tiny_tok, requests, replace(hp, cluster_by="neurons"),
+                                     fixed_context(), None, method="WI").explanation
+    assert explanation["cluster_by"] == "neurons"
+    assert [c["relations"] for c in explanation["clusters"]] == [{"P36": 2, "P17": 1}]
+
+
+def test_cluster_by_relation_refuses_requests_without_relation_id(tiny_llama, tiny_tok, stats_dir, more_requests,
+                                                                  ece_hparams, fixed_context):
+    """EasyEdit records and the API's requests may have no relation_id: one clear error before any work."""
+    requests = with_relations(more_requests, ["P17", "P36", None, "P36"])
+    before = read_weight(tiny_llama, "model.layers.1.mlp.down_proj").clone()
+    with pytest.raises(RequestError, match=r"request 2 \(subject 'Miles Davis'\), case_id 2: no relation_id.*"
+                                           r"use cluster_by \"neurons\""):
+        apply_ece_to_model(tiny_llama, tiny_tok, requests, ece_hparams("llama", cluster_by="relation"),
+                           fixed_context(), None, method="WI")
+    assert torch.equal(read_weight(tiny_llama, "model.layers.1.mlp.down_proj"), before)
+    assert not stats_dir.exists()  # refused before the statistics
+
+
 def test_hparams_errors_name_the_key(ece_hparams):
     with pytest.raises(HParamsError, match="z_mode"):
         ece_hparams("llama", z_mode="together")
@@ -315,6 +424,8 @@ def test_hparams_errors_name_the_key(ece_hparams):
         ece_hparams("llama", neuron_threshold=0.0)
     with pytest.raises(HParamsError, match="upper_bound"):
         ece_hparams("llama", alpha=2.0, upper_bound=1.0)
+    with pytest.raises(HParamsError, match="key 'cluster_by' must be one of"):
+        ece_hparams("llama", cluster_by="relations")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
