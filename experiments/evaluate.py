@@ -119,6 +119,10 @@ def main(argv=None) -> Path:
     if not records:
         raise RunError("the dataset selection is empty")
     requests = [record_to_request(r) for r in records]
+    if getattr(hparams, "cluster_by", None) == "relation":  # refused now, not after the first round's evaluation
+        from ece.cluster import relation_clusters
+
+        relation_clusters(requests)
     if args.downstream_eval_steps > 0 and not sequential:
         raise RunError("--downstream_eval_steps measures the model as edits accumulate; it needs a sequential "
                        "run (add --sequential, or set --downstream_eval_steps 0)")

@@ -89,6 +89,14 @@ def test_downstream_checks_need_a_sequential_run(folders):
              "--dataset_size_limit", "2")
 
 
+def test_relation_clusters_need_records_with_a_relation_id(folders):
+    """EasyEdit's records have no relation_id: ECE's cluster_by "relation" is refused before the run begins."""
+    with pytest.raises(ECEError, match=r"request 0 .*no relation_id.*use cluster_by \"neurons\""):
+        main("--alg_name", "ECE_WI", "--hparams_fname", "smollm2-135m.json", "--ds_name", "cf_easyedit",
+             "--dataset_size_limit", "2", "--hparams", "cluster_by=relation")
+    assert not (folders / "results" / "ECE_WI").exists()
+
+
 def test_cli_prints_a_clear_error_and_exits_2(folders, capsys):
     assert evaluate.cli(["--alg_name", "NOPE", "--model_name", "x", "--hparams_fname", "y.json"]) == 2
     err = capsys.readouterr().err
