@@ -3,6 +3,7 @@
 Usage::
 
     python summarize.py --dir_name=MEMIT --runs=run_000,run_001 [--json] [--plot] [--results_dir PATH]
+    python summarize.py --dir_name=ECE_WI --runs=run_000 --explain [--plot] [--json]
 
 Without ``--runs`` every ``run_NNN`` folder under ``<results_dir>/<dir_name>/`` is summarised.
 
@@ -35,6 +36,9 @@ the last round of a sequential run).
 * Edit time: one ``time`` per round (cases grouped by ``grouped_case_ids``): mean per round and total.
 * ``run_NNN/glue_eval/*.json`` (downstream checks): each task's metrics over ``edit_count``; ``--plot`` writes
   ``run_NNN/downstream.png``.
+* ``--explain`` (ECE runs): for each ``explanation_round_NNN.json`` the selected neurons and mass share per
+  layer, the clusters (size, mean Jaccard, relations, loops) and the neurons most often among their members'
+  top neurons per layer; with ``--plot``, ``explanation_round_NNN.png`` (requests x first-layer top neurons).
 """
 from __future__ import annotations
 
@@ -69,6 +73,9 @@ CASE_RE = re.compile(r"(\d+)_edits-case_(.+)\.json")
 FREE_HEADERS = ("Eff. free", "Gen. free", "Spec. free")
 DOWNSTREAM_METRIC_ORDER = ("accuracy", "f1", "mcc")
 DOWNSTREAM_PLOT_NAME = "downstream.png"
+EXPLANATION_RE = re.compile(r"explanation_round_(\d+)\.json")  # experiments/driver.py explanation_path
+EXPLAIN_TOP_NEURONS = 8  # per cluster and layer in the --explain view
+EXPLAIN_PLOT_NEURONS = 80  # columns of the heatmap at most: the most listed neurons
 
 
 class SummarizeError(ECEError):
@@ -382,8 +389,6 @@ def plot_downstream(run: dict) -> Path | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from util.io import atomic_write
-
     columns = _downstream_columns(rows)
     order = {m: i for i, m in enumerate(DOWNSTREAM_METRIC_ORDER)}
     metrics = sorted({m for _, m in columns}, key=lambda m: (order.get(m, len(order)), m))
@@ -409,7 +414,13 @@ def plot_downstream(run: dict) -> Path | None:
     title = " ".join(str(x) for x in (run.get("alg_name"), run.get("model_name"), run["run"]) if x)
     fig.suptitle(f"Downstream tasks: {title}")
     fig.tight_layout()
-    out = Path(run["path"]) / DOWNSTREAM_PLOT_NAME
+    return save_png(fig, Path(run["path"]) / DOWNSTREAM_PLOT_NAME)
+
+
+def save_png(fig, out: Path) -> Path:
+    """Write ``fig`` to ``out`` atomically (a reader never sees half a PNG); :class:`SummarizeError` if it cannot."""
+    from util.io import atomic_write
+
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     except OSError as exc:
@@ -599,6 +610,217 @@ def to_json(runs: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# ECE explanations (--explain)
+# ----------------------------------------------------------------------------------------------------
+
+
+def explanation_files(run_dir: Path) -> list[Path]:
+    """``explanation_round_NNN.json`` of a run folder in round order (written by ECE's rounds)."""
+    files = [p for p in run_dir.iterdir() if _visible(p) and p.is_file() and EXPLANATION_RE.fullmatch(p.name)]
+    return sorted(files, key=lambda p: int(EXPLANATION_RE.fullmatch(p.name).group(1)))
+
+
+def load_explanation(path: Path) -> dict:
+    """An explanation file, checked for what the view reads; :class:`SummarizeError` naming the path."""
+    explanation = _load_json(path, "explanation file")
+    try:
+        if not isinstance(explanation, dict):
+            raise ValueError(f"expected a JSON object, got {type(explanation).__name__}")
+        for key, kind in (("layers", dict), ("clusters", list), ("requests", list)):
+            if not isinstance(explanation.get(key), kind):
+                raise ValueError(f"'{key}' must be a JSON {'object' if kind is dict else 'list'}")
+        if not explanation["layers"]:
+            raise ValueError("'layers' is empty")
+        for layer, info in explanation["layers"].items():
+            if not (isinstance(info, dict) and _whole(info.get("n_selected")) and _whole(info.get("n_neurons"))):
+                raise ValueError(f"layer {layer} needs whole numbers 'n_selected' and 'n_neurons'")
+        for index, cluster in enumerate(explanation["clusters"]):
+            if not isinstance(cluster, dict) or "cluster" not in cluster:
+                raise ValueError(f"cluster entry {index} has no 'cluster'")
+            if not isinstance(cluster.get("relations") or {}, dict):
+                raise ValueError(f"cluster {cluster['cluster']}: 'relations' must be an object of counts")
+        clusters = {c["cluster"] for c in explanation["clusters"]}
+        for index, request in enumerate(explanation["requests"]):
+            if not isinstance(request, dict) or request.get("cluster") not in clusters:
+                raise ValueError(f"request {index} names no cluster of 'clusters'")
+            top = request.get("top_neurons")
+            if not isinstance(top, dict) or not all(isinstance(v, list) and all(map(_whole, v)) for v in top.values()):
+                raise ValueError(f"request {index}: 'top_neurons' must map each layer to a list of neuron indices")
+    except ValueError as exc:
+        raise SummarizeError(f"corrupt explanation file {path}: {exc}") from None
+    return explanation
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cluster_top_neurons(members: Sequence[dict], layer: str, count: int = EXPLAIN_TOP_NEURONS) -> list[list[int]]:
+    """``[[neuron, members listing it], ...]``: the neurons most often among the members' top neurons at
+    ``layer``, ties broken by the better summed rank, so that identical lists keep their order."""
+    listed: dict[int, list[int]] = {}
+    for member in members:
+        for rank, neuron in enumerate(member["top_neurons"].get(layer, [])):
+            entry = listed.setdefault(neuron, [0, 0])
+            entry[0] += 1
+            entry[1] += rank
+    order = sorted(listed, key=lambda n: (-listed[n][0], listed[n][1], n))
+    return [[neuron, listed[neuron][0]] for neuron in order[:count]]
+
+
+def explain_round(explanation: dict, path: Path) -> dict:
+    """One round's explanation, aggregated for reading: per layer the selected count and mass share, per
+    cluster its size, mean Jaccard, relations, loops and the top neurons its members share."""
+    requests = explanation["requests"]
+    layers = [{"layer": layer, "n_selected": info.get("n_selected"), "n_neurons": info.get("n_neurons"),
+               "mass_share": info.get("mass_share")} for layer, info in explanation["layers"].items()]
+    clusters = []
+    for cluster in explanation["clusters"]:
+        members = [r for r in requests if r["cluster"] == cluster["cluster"]]
+        clusters.append({
+            "cluster": cluster["cluster"], "size": cluster.get("size", len(members)),
+            "mean_jaccard": cluster.get("mean_jaccard"), "loops": cluster.get("loops"),
+            "relations": cluster.get("relations"), "case_ids": cluster.get("case_ids"),
+            "top_neurons": {layer: cluster_top_neurons(members, layer) for layer in explanation["layers"]},
+        })
+    return {
+        "file": str(path), "round": explanation.get("round"), "method": explanation.get("method"),
+        # files written before cluster_by existed clustered by neurons
+        "cluster_by": explanation.get("cluster_by", "neurons"), "z_mode": explanation.get("z_mode"),
+        "n_requests": len(requests), "n_clusters": len(clusters), "n_loops": explanation.get("n_loops"),
+        "layers": layers, "clusters": clusters, "plot": None,
+    }
+
+
+def explain_runs(dir_name: str, runs: str | Sequence[str] | None, results_dir: Path,
+                 plot: bool = False) -> list[dict]:
+    """``[{"run", "path", "rounds": [explain_round(...)]}]``; ``plot``: each round's PNG beside its file."""
+    explained = []
+    for run_dir in resolve_runs(Path(results_dir).expanduser() / dir_name, runs):
+        files = explanation_files(run_dir)
+        if not files:
+            raise SummarizeError(f"no explanation_round_NNN.json in {run_dir}; ECE runs write one per round")
+        rounds = []
+        for path in files:
+            explanation = load_explanation(path)
+            summary = explain_round(explanation, path)
+            if plot:
+                summary["plot"] = str(plot_explanation(explanation, path.with_suffix(".png")))
+            rounds.append(summary)
+        explained.append({"run": run_dir.name, "path": str(run_dir), "rounds": rounds})
+    return explained
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _number(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_explanations(explained: list[dict]) -> str:
+    """The --explain view: per round the layers' selections, the clusters, and the top neurons they share."""
+    lines = []
+    for run in explained:
+        for summary in run["rounds"]:
+            lines += [f"{run['run']} round {summary['round']} ({summary['file']}): {summary['method']}, "
+                      f"{summary['n_requests']} requests, {_count(summary['n_clusters'], 'cluster')} by "
+                      f"{summary['cluster_by']}, {_count(summary['n_loops'], 'loop')}, z_mode {summary['z_mode']}", ""]
+            lines += format_table(
+                ["Layer", "Selected", "Neurons", "Selected share", "Mass share"],
+                [[layer["layer"], str(layer["n_selected"]), str(layer["n_neurons"]),
+                  _number(layer["n_selected"] / layer["n_neurons"], 3) if layer["n_neurons"] else "-",
+                  _number(layer["mass_share"], 3)] for layer in summary["layers"]])
+            lines.append("")
+            lines += format_table(
+                ["Cluster", "Size", "Mean Jaccard", "Loops", "Relations"],
+                [[str(c["cluster"]), str(c["size"]), _number(c["mean_jaccard"], 3), str(c["loops"]),
+                  ", ".join(f"{r}:{n}" for r, n in c["relations"].items()) if c["relations"] else "-"]
+                 for c in summary["clusters"]], left=1)
+            lines.append("")
+            lines += format_table(
+                ["Cluster", "Layer", "Top neurons (members listing them)"],
+                [[str(c["cluster"]), layer, ", ".join(f"{n} ({k})" for n, k in top)]
+                 for c in summary["clusters"] for layer, top in c["top_neurons"].items()], left=3)
+            if summary["plot"]:
+                lines.append(f"Plot: {summary['plot']}")
+            lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def explanation_heatmap(explanation: dict) -> dict:
+    """What the heatmap shows: ``case_ids`` of the rows (grouped by cluster, in request order within one),
+    ``clusters`` and their ``sizes``, ``layer`` (the first edited), ``neurons`` (the columns: the most listed
+    of the ``listed`` neurons among the requests' top neurons there), ``cells`` (1: the neuron is in the
+    row's top neurons)."""
+    layer = next(iter(explanation["layers"]))
+    clusters = [c["cluster"] for c in explanation["clusters"]]
+    rows = sorted(explanation["requests"], key=lambda r: clusters.index(r["cluster"]))  # stable within a cluster
+    most_listed = [n for n, _ in cluster_top_neurons(rows, layer, count=EXPLAIN_PLOT_NEURONS)]
+    # Columns by the first cluster whose members list them most, so that each cluster's block is together.
+    neurons = sorted(most_listed, key=lambda n: _main_cluster(rows, clusters, layer, n))
+    return {
+        "case_ids": [r.get("case_id") for r in rows], "clusters": clusters,
+        "sizes": [sum(1 for r in rows if r["cluster"] == c) for c in clusters], "layer": layer, "neurons": neurons,
+        "listed": len({n for r in rows for n in r["top_neurons"].get(layer, [])}),
+        "cells": np.array([[1.0 if n in r["top_neurons"].get(layer, []) else 0.0 for n in neurons] for r in rows]),
+    }
+
+
+def plot_explanation(explanation: dict, out: Path) -> Path:
+    """Write the heatmap of :func:`explanation_heatmap`, cluster boundaries marked, and each layer's
+    selected share of its neurons."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    heat = explanation_heatmap(explanation)
+    neurons, sizes = heat["neurons"], heat["sizes"]
+    fig = Figure(figsize=(min(16.0, 4.0 + 0.14 * len(neurons)), min(12.0, 3.0 + 0.12 * sum(sizes))))
+    FigureCanvasAgg(fig)
+    heat_ax, bar_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [4, 1]})
+    heat_ax.imshow(heat["cells"], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    edges = np.cumsum(sizes)
+    for edge in edges[:-1]:
+        heat_ax.axhline(edge - 0.5, color="tab:red", linewidth=1.2)
+    heat_ax.set_yticks(edges - np.array(sizes) / 2 - 0.5)
+    heat_ax.set_yticklabels([f"cluster {c} ({n})" for c, n in zip(heat["clusters"], sizes)], fontsize=8)
+    heat_ax.set_xticks(range(len(neurons)))
+    heat_ax.set_xticklabels([str(n) for n in neurons], rotation=90, fontsize=6)
+    cut = f" ({len(neurons)} most listed of {heat['listed']})" if len(neurons) < heat["listed"] else ""
+    heat_ax.set_xlabel(f"layer {heat['layer']} neurons among the requests' top neurons{cut}")
+    heat_ax.set_ylabel("requests, grouped by cluster")
+
+    names = list(explanation["layers"])
+    info = explanation["layers"]
+    shares = [info[l]["n_selected"] / info[l]["n_neurons"] if info[l].get("n_neurons") else 0.0 for l in names]
+    bars = bar_ax.bar(range(len(names)), shares, color="tab:blue")
+    for bar, l in zip(bars, names):
+        bar_ax.annotate(f"{info[l].get('n_selected')}/{info[l].get('n_neurons')}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        rotation=90, fontsize=7)
+    bar_ax.set_xticks(range(len(names)))
+    bar_ax.set_xticklabels(names)
+    bar_ax.set_ylim(0, 1.35)  # room for the counts above a full bar
+    bar_ax.set_yticks(np.linspace(0, 1, 6))
+    bar_ax.set_xlabel("layer")
+    bar_ax.set_ylabel("selected / neurons")
+    fig.suptitle(f"{explanation.get('method', '?')} round {explanation.get('round', '?')}: "
+                 f"{_count(len(sizes), 'cluster')}"
+                 f" (cluster_by {explanation.get('cluster_by', 'neurons')})")
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+def _main_cluster(rows: Sequence[dict], clusters: list, layer: str, neuron: int) -> tuple:
+    """(position of the cluster whose members list ``neuron`` most, minus that count): a column order."""
+    counts = [sum(1 for r in rows if r["cluster"] == c and neuron in r["top_neurons"].get(layer, []))
+              for c in clusters]
+    best = int(np.argmax(counts))
+    return best, -counts[best], neuron
+
+
+# ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
@@ -614,7 +836,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results directory (default: ECE_RESULTS_DIR or RESULTS_DIR in globals.yml)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     parser.add_argument("--plot", action="store_true",
-                        help="write downstream.png (downstream metrics over edit_count) into each run folder")
+                        help="write downstream.png (downstream metrics over edit_count) into each run folder; "
+                             "with --explain, explanation_round_NNN.png beside each explanation file")
+    parser.add_argument("--explain", action="store_true",
+                        help="instead of the metrics: each ECE round's clusters, the top neurons their members "
+                             "share, and the neurons selected per layer (explanation_round_NNN.json)")
     add_verbose_argument(parser)
     return parser
 
@@ -629,6 +855,10 @@ def run(argv: Sequence[str] | None = None) -> None:
         results_dir = get_paths().results_dir
     else:
         results_dir = Path(args.results_dir).expanduser()
+    if args.explain:
+        explained = explain_runs(args.dir_name, args.runs, results_dir, plot=args.plot)
+        print(to_json(explained) if args.json else render_explanations(explained))
+        return
     runs = summarize(args.dir_name, args.runs, results_dir)
     if args.plot:
         for run_summary in runs:

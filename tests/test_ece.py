@@ -386,8 +386,11 @@ def test_cluster_by_decides_which_requests_share_a_loop(tiny_llama, tiny_tok, mo
         assert single.labels.tolist() == [0, 0, 0, 0] and loops == [[0, 1, 2, 3]]
 
 
-def test_explanation_records_cluster_by_and_the_relations_of_each_cluster(tiny_llama, tiny_tok, stats_dir,
+def test_explanation_records_cluster_by_and_the_relations_of_each_cluster(tiny_llama, tiny_tok, stats_dir, tmp_path,
                                                                           more_requests, ece_hparams, fixed_context):
+    """...and summarize.py's --explain view reads what the round writes."""
+    import summarize
+
     requests = with_relations(more_requests, ["P17", "P36", "P17", "P36"])
     hp = ece_hparams("llama", cluster_by="relation", v_num_grad_steps=3)
     explanation = apply_ece_to_model(tiny_llama, tiny_tok, requests, hp, fixed_context(), None,
@@ -396,6 +399,13 @@ def test_explanation_records_cluster_by_and_the_relations_of_each_cluster(tiny_l
     assert [(c["case_ids"], c["relations"]) for c in explanation["clusters"]] == \
         [([0, 2], {"P17": 2}), ([1, 3], {"P36": 2})]
     assert [r["cluster"] for r in explanation["requests"]] == [0, 1, 0, 1]
+    path = tmp_path / "explanation_round_000.json"
+    summary = summarize.explain_round({"round": 0, **explanation}, path)
+    assert summary["cluster_by"] == "relation" and [c["relations"] for c in summary["clusters"]] == \
+        [{"P17": 2}, {"P36": 2}]
+    first = [c["top_neurons"]["1"][0] for c in summary["clusters"]]
+    assert first[0] == first[1] and first[0][1] == 2  # WI: every request has the same top neurons
+    assert summarize.plot_explanation({"round": 0, **explanation}, path.with_suffix(".png")).stat().st_size > 0
     # WI's identical sets make one neuron cluster; a request without relation_id is left out of the counts.
     requests[2].pop("relation_id")
     explanation = apply_ece_to_model(tiny_llama, tiny_tok, requests, replace(hp, cluster_by="neurons"),

@@ -637,3 +637,105 @@ def test_benchmark_rows_carry_the_free_generation_rates():
     assert old["efficacy"] == 100.0 and old["efficacy_free"] is None
     # *_correct filled otherwise by older files: no top-1 rate, no error
     assert sm.counterfact_case_metrics({**stage, "rewrite_prompts_correct": [[True, False]]})["efficacy_top1"] is None
+
+
+# ------------------------------------------------------------------ ECE explanations (--explain)
+
+
+def explanation_request(case_id: int, cluster: int, layer3: list, layer4: list) -> dict:
+    return {"case_id": case_id, "subject": f"S{case_id}", "prompt": "{} plays", "target_new": "x", "cluster": cluster,
+            "loop": cluster, "n_own_neurons_first_layer": 10, "top_neurons": {"3": layer3, "4": layer4},
+            "target_steps": 5, "target_loss": 0.1, "remaining_error": 1.0}
+
+
+def write_explanation(run_dir: Path, round_index: int = 0) -> Path:
+    """Two clusters over two layers; the expected aggregation is worked out in the test below."""
+    explanation = {
+        "round": round_index, "method": "ECE_AS", "neuron_threshold": 0.8, "z_mode": "per_request",
+        "cluster_by": "neurons", "scored_after_update": True, "n_requests": 5, "n_clusters": 2, "n_loops": 2,
+        "seconds": {"explain": 0.1},
+        "layers": {"3": {"n_neurons": 64, "n_selected": 16, "selected_neurons": list(range(16)), "mass_share": 0.8,
+                         "top_neurons": []},
+                   "4": {"n_neurons": 64, "n_selected": 8, "selected_neurons": list(range(8)), "mass_share": 0.75,
+                         "top_neurons": []}},
+        "clusters": [{"cluster": 0, "size": 3, "case_ids": [10, 12, 13], "mean_jaccard": 0.4, "loops": 1,
+                      "relations": {"P17": 2, "P36": 1}},
+                     {"cluster": 1, "size": 2, "case_ids": [11, 14], "mean_jaccard": 2 / 3, "loops": 1}],
+        "requests": [explanation_request(10, 0, [5, 7, 9], [1, 2]), explanation_request(11, 1, [20, 21, 5], [8, 9]),
+                     explanation_request(12, 0, [7, 5, 11], [2, 3]), explanation_request(13, 0, [5, 12, 7], [2, 1]),
+                     explanation_request(14, 1, [21, 22, 23], [9, 8])],
+        "refinement": [],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"explanation_round_{round_index:03d}.json"
+    path.write_text(json.dumps(explanation))
+    return path
+
+
+def test_explain_prints_clusters_and_the_top_neurons_their_members_share(tmp_path: Path, capsys):
+    run_dir = tmp_path / "ECE_AS" / "run_000"
+    path = write_explanation(run_dir)
+    (run_dir / "explanation_round_001.json.tmp").write_text("{")  # an unfinished write is not a round
+    assert sm.main(["--dir_name=ECE_AS", "--runs=run_000", f"--results_dir={tmp_path}", "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split(None, 2) for line in out.splitlines()]
+    assert f"run_000 round 0 ({path}): ECE_AS, 5 requests, 2 clusters by neurons, 2 loops" in out
+    # per layer: selected, neurons, selected / neurons, mass share
+    words = [line.split() for line in out.splitlines()]
+    assert ["3", "16", "64", "0.250", "0.800"] in words and ["4", "8", "64", "0.125", "0.750"] in words
+    cluster_rows = [line for line in out.splitlines() if line.startswith(("0    ", "1    ")) and "(" not in line]
+    assert cluster_rows[0].split() == ["0", "3", "0.400", "1", "P17:2,", "P36:1"]
+    assert cluster_rows[1].split() == ["1", "2", "0.667", "1", "-"]
+    # Counts of members listing each neuron; ties go to the better summed rank, then the lower index.
+    assert ["0", "3", "5 (3), 7 (3), 12 (1), 9 (1), 11 (1)"] in lines
+    assert ["1", "3", "21 (2), 20 (1), 22 (1), 5 (1), 23 (1)"] in lines
+    assert ["0", "4", "2 (3), 1 (2), 3 (1)"] in lines
+    assert ["1", "4", "8 (2), 9 (2)"] in lines
+    assert "Plot:" not in out and not list(run_dir.glob("*.png"))
+
+
+def test_explain_plot_writes_one_png_per_round_and_json_carries_the_counts(tmp_path: Path, capsys):
+    run_dir = tmp_path / "ECE_AS" / "run_000"
+    write_explanation(run_dir, 0)
+    write_explanation(run_dir, 1)
+    assert sm.main(["--dir_name=ECE_AS", f"--results_dir={tmp_path}", "--explain", "--plot"]) == 0
+    out = capsys.readouterr().out
+    for round_index in (0, 1):
+        png = run_dir / f"explanation_round_{round_index:03d}.png"
+        assert f"Plot: {png}" in out
+        assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat = sm.explanation_heatmap(json.loads((run_dir / "explanation_round_000.json").read_text()))
+    assert heat["case_ids"] == [10, 12, 13, 11, 14] and heat["sizes"] == [3, 2] and heat["layer"] == "3"
+    assert heat["neurons"] == [5, 7, 9, 11, 12, 21, 20, 22, 23] and heat["listed"] == 9  # cluster 0's block first
+    assert heat["cells"][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]  # case 10 lists 5, 7, 9
+    assert heat["cells"][3].tolist() == [1, 0, 0, 0, 0, 1, 1, 0, 0]  # case 11 lists 20, 21, 5
+    assert sm.main(["--dir_name=ECE_AS", f"--results_dir={tmp_path}", "--explain", "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    assert [r["round"] for r in run["rounds"]] == [0, 1] and run["rounds"][0]["plot"] is None
+    first = run["rounds"][0]
+    assert first["clusters"][0]["top_neurons"]["3"][:2] == [[5, 3], [7, 3]]
+    assert first["clusters"][0]["relations"] == {"P17": 2, "P36": 1} and first["clusters"][1]["relations"] is None
+    assert first["layers"][1] == {"layer": "4", "n_selected": 8, "n_neurons": 64, "mass_share": 0.75}
+
+
+def test_explain_errors_name_the_file(tmp_path: Path, capsys):
+    run_dir = tmp_path / "ECE_AS" / "run_000"
+    write_params(run_dir)
+    assert sm.main(["--dir_name=ECE_AS", f"--results_dir={tmp_path}", "--explain"]) == 2
+    assert f"no explanation_round_NNN.json in {run_dir}" in capsys.readouterr().err
+    path = write_explanation(run_dir)
+    data = json.loads(path.read_text())
+    data["requests"][1]["cluster"] = 7
+    path.write_text(json.dumps(data))
+    assert sm.main(["--dir_name=ECE_AS", f"--results_dir={tmp_path}", "--explain"]) == 2
+    err = capsys.readouterr().err
+    assert f"corrupt explanation file {path}: request 1 names no cluster" in err and "Traceback" not in err
+    data["requests"][1]["cluster"] = 1
+    for change, message in [(lambda d: d["requests"][2]["top_neurons"].update({"4": ["a"]}),
+                             "request 2: 'top_neurons'"),
+                            (lambda d: d["layers"]["4"].pop("n_neurons"), "layer 4 needs whole numbers")]:
+        broken = json.loads(json.dumps(data))
+        change(broken)
+        path.write_text(json.dumps(broken))
+        assert sm.main(["--dir_name=ECE_AS", f"--results_dir={tmp_path}", "--explain"]) == 2
+        assert f"corrupt explanation file {path}: {message}" in capsys.readouterr().err
