@@ -66,14 +66,6 @@ def base_model_name(model_name: Optional[str]) -> Optional[str]:
     return manifest["base_model"] if manifest else model_name
 
 
-def resolve_algorithm(alg: str):
-    from experiments.algorithms import algorithm_names, get_algorithm
-
-    if alg not in algorithm_names():
-        raise HParamsError(f"unknown algorithm '{alg}'. Available: {', '.join(algorithm_names())}.")
-    return get_algorithm(alg)
-
-
 def default_hparams_path(algorithm, model_name: Optional[str]) -> Path:
     """The shipped ``hparams/<folder>/<model>.json`` of an algorithm and model."""
     from util.paths import get_paths
@@ -235,8 +227,10 @@ class Editor:
 
     def __init__(self, model, tok, alg: str = DEFAULT_ALGORITHM, hparams=None, overrides: Optional[dict] = None,
                  model_name: Optional[str] = None, seed: int = 0, stats_dir=None, data_dir=None):
+        from experiments.algorithms import get_algorithm  # the registry imports every method, this module too
+
         self.model, self.tok, self.seed = model, tok, seed
-        self.algorithm = resolve_algorithm(alg)
+        self.algorithm = get_algorithm(alg)
         self.model_name = model_name or getattr(model, "name_or_path", None) or None
         self.base_model = base_model_name(self.model_name)
         self.hparams, self.hparams_source = resolve_hparams(self.algorithm, hparams, overrides, self.base_model)

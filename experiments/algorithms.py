@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Type
 
+from util.errors import SettingError
 from util.hparams import HyperParams
 
 
@@ -62,9 +63,10 @@ def _registry():
 
 
 def get_algorithm(name: str) -> Algorithm:
+    """The registered algorithm; :class:`SettingError` listing the registered names for any other name."""
     registry = _registry()
     if name not in registry:
-        raise ValueError(f"unknown algorithm '{name}'. Available: {', '.join(sorted(registry))}.")
+        raise SettingError(f"unknown algorithm '{name}'. Available: {', '.join(sorted(registry))}.")
     return registry[name]
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from editing.context import EditContext  # noqa: E402
 from editing.sequential import SequentialState  # noqa: E402
 from experiments.algorithms import get_algorithm  # noqa: E402
-from experiments.driver import (COUNTERFACT_DATASETS, Evaluator, RunError, check_algorithm_name,  # noqa: E402
+from experiments.driver import (COUNTERFACT_DATASETS, Evaluator, RunError,  # noqa: E402
                                 load_hparams, load_records, parse_algorithm_spec, record_to_request,
                                 resolve_hparams_path, set_seed)
 from experiments.free_generation import FreeGeneration  # noqa: E402
@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
     args.device = args.device or default_device()
     specs = [s.strip() for s in args.algs.split(",") if s.strip()]
     for spec in specs:
-        check_algorithm_name(parse_algorithm_spec(spec)[0])  # fail before any work on a bad name
+        get_algorithm(parse_algorithm_spec(spec)[0])  # fail before any work on a bad name
     records = load_records(args.ds_name, args.data_dir, args.num_edits * args.rounds)
     if len(records) < args.num_edits * args.rounds:
         raise RunError(f"the dataset has {len(records)} records, fewer than {args.num_edits} x {args.rounds}")

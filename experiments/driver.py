@@ -50,12 +50,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_algorithm_name(name: str) -> None:
-    """:class:`RunError` listing the registered names when ``name`` is not one of them."""
-    if name not in algorithm_names():
-        raise RunError(f"unknown algorithm '{name}'. Available: {', '.join(algorithm_names())}.")
-
-
 def resolve_hparams_path(algorithm: Algorithm, fname: str) -> Path:
     candidates = [get_paths().hparams_dir / algorithm.hparams_dir_name / fname, Path(fname)]
     for path in candidates:

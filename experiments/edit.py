@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from editing.api import (DEFAULT_ALGORITHM, Editor, base_model_name, check_save_dir, resolve_algorithm,  # noqa: E402
+from editing.api import (DEFAULT_ALGORITHM, Editor, base_model_name, check_save_dir,  # noqa: E402
                          resolve_hparams, save_edited_model)
 from editing.requests import check_requests, read_requests_file  # noqa: E402
-from experiments.algorithms import algorithm_names  # noqa: E402
+from experiments.algorithms import algorithm_names, get_algorithm  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.generate import generate_texts  # noqa: E402
 from util.hparams import parse_overrides  # noqa: E402
@@ -100,7 +100,7 @@ def main(argv=None):
     raw = read_requests_file(args.requests) if args.requests else [flag_request(args)]
     check_requests(raw)
     overrides = parse_overrides(args.hparams)
-    resolve_hparams(resolve_algorithm(args.alg_name), args.hparams_fname, overrides, base_model_name(args.model_name))
+    resolve_hparams(get_algorithm(args.alg_name), args.hparams_fname, overrides, base_model_name(args.model_name))
     if args.save_dir:
         check_save_dir(args.save_dir)
 

@@ -33,7 +33,7 @@ from editing.sequential import SequentialState  # noqa: E402
 from experiments.algorithms import algorithm_names, get_algorithm  # noqa: E402
 from experiments.driver import (DATASETS, STAGE_LABELS, DownstreamSchedule, Evaluator, RunError,  # noqa: E402,F401
                                 case_path, continue_run_dir, effective_hparams_file, explanation_path,
-                                check_algorithm_name, load_hparams, load_records, record_to_request,
+                                load_hparams, load_records, record_to_request,
                                 resolve_hparams_path, save_sequential_state, set_seed, start_run_dir, state_edits)
 from experiments.free_generation import FreeGeneration  # noqa: E402
 from experiments.progress import RunClock  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     setup_logging(args.verbose, logging.INFO)
     set_seed(args.seed)
-    check_algorithm_name(args.alg_name)
+    get_algorithm(args.alg_name)
     algorithm = get_algorithm(args.alg_name)
     hparams_path = resolve_hparams_path(algorithm, args.hparams_fname)
     overrides = parse_overrides(args.hparams)

@@ -8,7 +8,7 @@ import pytest
 
 from experiments import driver, evaluate
 from util.cli import run_script
-from util.errors import ECEError
+from util.errors import ECEError, SettingError
 from util.hparams import HParamsError
 from util.paths import get_paths
 
@@ -25,7 +25,7 @@ def main(*argv):
 
 
 def test_unknown_algorithm(folders):
-    with pytest.raises(driver.RunError, match="unknown algorithm 'MEMTI'.*MEMIT"):
+    with pytest.raises(SettingError, match="unknown algorithm 'MEMTI'.*MEMIT"):
         main("--alg_name", "MEMTI", "--hparams_fname", "smollm2-135m.json")
 
 

@@ -13,7 +13,7 @@ import torch
 from ece import ECEHyperParams
 from editing.api import Editor, edit, read_manifest, save_edited_model
 from editing.requests import check_requests
-from util.errors import ECEError, RequestError
+from util.errors import ECEError, RequestError, SettingError
 from util.hparams import HParamsError
 
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
@@ -109,7 +109,7 @@ def test_hparams_from_a_file_a_dict_overrides_or_the_shipped_file(tiny_llama, ti
         Editor(tiny_llama, tiny_tok, "ECE_WI", ece_values, {"v_num_steps": 3}, model_name="tiny")
     with pytest.raises(HParamsError, match="no shipped ECE_WI hyperparameters for model 'tiny'.*smollm2-135m"):
         Editor(tiny_llama, tiny_tok, "ECE_WI", model_name="tiny")
-    with pytest.raises(HParamsError, match="unknown algorithm 'ECE'.*ECE_WI"):
+    with pytest.raises(SettingError, match="unknown algorithm 'ECE'.*ECE_WI"):
         Editor(tiny_llama, tiny_tok, "ECE", ece_values, model_name="tiny")
 
 
