@@ -109,7 +109,6 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     setup_logging(args.verbose, logging.INFO)
     set_seed(args.seed)
-    get_algorithm(args.alg_name)
     algorithm = get_algorithm(args.alg_name)
     hparams_path = resolve_hparams_path(algorithm, args.hparams_fname)
     overrides = parse_overrides(args.hparams)
