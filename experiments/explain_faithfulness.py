@@ -329,15 +329,17 @@ def relation_structure(scores, layers, relations: np.ndarray, seed: int) -> List
 
 
 def relation_overlap_matrix(similarity: np.ndarray, relations: np.ndarray) -> tuple:
-    """Mean similarity between the facts of each pair of relations (diagonal: distinct pairs within one)."""
-    names = sorted(set(relations.tolist()), key=lambda r: -int((relations == r).sum()))
+    """Mean similarity between the facts of each pair of relations with two facts or more (diagonal: distinct
+    pairs within one), the relations ordered by their number of facts."""
+    names = sorted((r for r in set(relations.tolist()) if (relations == r).sum() > 1),
+                   key=lambda r: (-int((relations == r).sum()), r))
     matrix = np.zeros((len(names), len(names)))
     for a, ra in enumerate(names):
         for b, rb in enumerate(names):
             block = similarity[np.ix_(relations == ra, relations == rb)]
             if a == b:
                 n = block.shape[0]
-                matrix[a, b] = (block.sum() - np.trace(block)) / (n * (n - 1)) if n > 1 else np.nan
+                matrix[a, b] = (block.sum() - np.trace(block)) / (n * (n - 1))
             else:
                 matrix[a, b] = block.mean()
     return names, matrix
@@ -489,7 +491,7 @@ def main(argv=None) -> dict:
     names, matrix = relation_overlap_matrix(jaccard_similarity(neuron_sets(matrix, *best["set"]), matrix.shape[1]),
                                             relations)
     result["relation_overlap"] = {"score": best["score"], "layer": best["layer"], "similarity": best["similarity"],
-                                  "relations": names, "matrix": np.nan_to_num(matrix).tolist()}
+                                  "relations": names, "matrix": matrix.tolist()}
     print_report(result)
     if args.plots:
         title = f"mean {best['similarity']} of {best['score']} neuron sets, layer {best['layer']}, by relation"

@@ -118,8 +118,10 @@ def test_relation_structure_finds_relations_that_share_neurons_and_random_sets_d
     assert top["within"] == pytest.approx(1.0) and top["across"] == pytest.approx(0.0)
     assert top["random_ari"] < 0.5 and abs(top["random_within"] - top["random_across"]) < 0.1
     assert by_name[("0", "cosine of score vectors")]["ari"] == pytest.approx(1.0)
-    names, matrix = faith.relation_overlap_matrix(np.eye(18) * 0 + (relations[:, None] == relations[None, :]), relations)
-    assert sorted(names) == ["P1", "P2", "P3"] and np.allclose(matrix, np.eye(3))
+    with_single = np.append(relations, "P4")  # a relation with one fact has no within-relation pair: left out
+    names, matrix = faith.relation_overlap_matrix((with_single[:, None] == with_single[None, :]).astype(float),
+                                                  with_single)
+    assert names == ["P1", "P2", "P3"] and np.allclose(matrix, np.eye(3))
 
 
 def test_script_end_to_end_on_a_tiny_model(tmp_path, tiny_llama, tiny_tok, data_dir, monkeypatch):
