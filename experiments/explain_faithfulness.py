@@ -255,6 +255,10 @@ def summarise_curves(values: np.ndarray, plan, fractions, orders) -> dict:
         best = next(o for o in ranking if o != "random")
         best_drop, random_drop = 1 - block[best]["deletion_area"]["mean"], 1 - block["random"]["deletion_area"]["mean"]
         block["best_over_random_drop"] = best_drop / random_drop if random_drop > 0 else float("inf")
+        if at is not None:  # the same at 2% of the neurons
+            best_drop = block[best]["deletion_drop_at_2pct"]["mean"]
+            random_drop = block["random"]["deletion_drop_at_2pct"]["mean"]
+            block["best_over_random_drop_at_2pct"] = best_drop / random_drop if random_drop > 0 else float("inf")
     return result
 
 
@@ -362,7 +366,9 @@ def print_report(result: dict) -> None:
                     drop = row["deletion_drop_at_2pct"]
                     print(f"{set_name:<8}{order:<8}{cell(row['deletion_area']):>22}"
                           f"{cell(drop) if drop else '-':>22}{cell(row['insertion_area']):>22}")
-                print(f"{set_name:<8}best score's deletion drop (1 - area) / random's: {block['best_over_random_drop']:.2f}")
+                at_2pct = block.get("best_over_random_drop_at_2pct")
+                print(f"{set_name:<8}best score's deletion drop / random's: {block['best_over_random_drop']:.2f} "
+                      f"(1 - area)" + ("" if at_2pct is None else f", {at_2pct:.2f} (at 2%)"))
     print("\nRelation structure (best ARI per score; random: sets or vectors of the same sizes)")
     print(f"{'score':<7}{'layer':<6}{'similarity':<26}{'within':>8}{'across':>8}{'ARI':>7}{'rand within':>12}"
           f"{'rand across':>12}{'rand ARI':>9}")

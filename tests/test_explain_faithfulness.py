@@ -102,6 +102,7 @@ def test_summary_ranks_scores_by_deletion_area_and_compares_with_random():
     assert block["AS"]["deletion_drop_at_2pct"]["mean"] == pytest.approx(0.6 + 0.1 / 4)
     assert block["random"]["insertion_area"]["mean"] == pytest.approx(0.1 - 0.1 / 4)
     assert block["best_over_random_drop"] == pytest.approx((1 - 0.375) / (1 - 0.875))
+    assert block["best_over_random_drop_at_2pct"] == pytest.approx((0.6 + 0.1 / 4) / (0.1 + 0.1 / 4))
 
 
 def test_relation_structure_finds_relations_that_share_neurons_and_random_sets_do_not():
