@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -81,9 +82,7 @@ def candidate_requests(data_dir, sources: Sequence[str]) -> List[dict]:
                           for r in load_records("mcf", data_dir, None)])
         else:
             raise RunError(f"unknown fact source {source!r}; use knowns and/or mcf")
-    merged = [r for group in zip(*lists) for r in group] if len(lists) > 1 else lists[0]
-    longest = max(lists, key=len)
-    return merged + longest[min(map(len, lists)):]
+    return [r for group in itertools.zip_longest(*lists) for r in group if r is not None]
 
 
 @torch.no_grad()

@@ -151,3 +151,14 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path, tiny_llama, tiny_tok, data_
     assert result["relation_overlap"]["relations"]
     for name in ("deletion_insertion_fact.png", "relation_overlap.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_candidates_alternate_between_the_sources_and_keep_every_record(data_dir):
+    both = faith.candidate_requests(data_dir, ["knowns", "mcf"])
+    knowns, mcf = faith.candidate_requests(data_dir, ["knowns"]), faith.candidate_requests(data_dir, ["mcf"])
+    assert len(both) == len(knowns) + len(mcf)
+    assert [r["case_id"] for r in both[:4]] == [knowns[0]["case_id"], mcf[0]["case_id"], knowns[1]["case_id"],
+                                               mcf[1]["case_id"]]
+    assert all(r["prompt"].count("{}") == 1 and r.get("relation_id") for r in both)
+    with pytest.raises(faith.RunError, match="unknown fact source 'wiki'"):
+        faith.candidate_requests(data_dir, ["wiki"])
