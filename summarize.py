@@ -385,7 +385,6 @@ def plot_downstream(run: dict) -> Path | None:
     rows = run.get("downstream")
     if not rows:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -394,7 +393,6 @@ def plot_downstream(run: dict) -> Path | None:
     metrics = sorted({m for _, m in columns}, key=lambda m: (order.get(m, len(order)), m))
     tasks = list(dict.fromkeys(t for t, _ in columns))
     fig = Figure(figsize=(4.8 * max(1, len(metrics)), 3.8))
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         for task in tasks:
@@ -419,10 +417,10 @@ def plot_downstream(run: dict) -> Path | None:
 
 def save_png(fig, out: Path) -> Path:
     """Write ``fig`` to ``out`` atomically (a reader never sees half a PNG); :class:`SummarizeError` if it cannot."""
-    from util.io import atomic_write
+    from util.io import atomic_write_png
 
     try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        atomic_write_png(fig, out, dpi=120)
     except OSError as exc:
         raise SummarizeError(f"cannot write {out}: {exc}") from None
     logger.info("wrote %s", out)
@@ -771,13 +769,11 @@ def explanation_heatmap(explanation: dict) -> dict:
 def plot_explanation(explanation: dict, out: Path) -> Path:
     """Write the heatmap of :func:`explanation_heatmap`, cluster boundaries marked, and each layer's
     selected share of its neurons."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     heat = explanation_heatmap(explanation)
     neurons, sizes = heat["neurons"], heat["sizes"]
     fig = Figure(figsize=(min(16.0, 4.0 + 0.14 * len(neurons)), min(12.0, 3.0 + 0.12 * sum(sizes))))
-    FigureCanvasAgg(fig)
     heat_ax, bar_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [4, 1]})
     heat_ax.imshow(heat["cells"], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     edges = np.cumsum(sizes)

@@ -50,7 +50,7 @@ from experiments.algorithms import get_algorithm  # noqa: E402
 from experiments.driver import RunError, load_hparams, load_records, record_to_request, resolve_hparams_path  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hooks import Trace, TraceDict  # noqa: E402
-from util.io import atomic_write_json  # noqa: E402
+from util.io import atomic_write_json, atomic_write_png  # noqa: E402
 from util.models import load_model_and_tokenizer, model_device  # noqa: E402
 from util.scoring import left_padded_logits, trailing_target_log_probs  # noqa: E402
 from util.tokens import chunks, prompt_ids, target_ids  # noqa: E402
@@ -380,10 +380,8 @@ def print_report(result: dict) -> None:
 
 def write_plots(result: dict, overlap: tuple, folder: Path) -> List[Path]:
     """Deletion and insertion curves (all edited layers at once) and the relation x relation overlap."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     fractions = np.asarray(result["fractions"]) * 100
     for where, by_ablation in result["curves"].items():
@@ -405,9 +403,7 @@ def write_plots(result: dict, overlap: tuple, folder: Path) -> List[Path]:
                 ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        path = folder / f"deletion_insertion_{where}.png"
-        FigureCanvasAgg(fig).print_png(str(path))
-        written.append(path)
+        written.append(atomic_write_png(fig, folder / f"deletion_insertion_{where}.png"))
     names, matrix, title = overlap
     fig = Figure(figsize=(9, 8))
     ax = fig.subplots()
@@ -417,9 +413,7 @@ def write_plots(result: dict, overlap: tuple, folder: Path) -> List[Path]:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
-    path = folder / "relation_overlap.png"
-    FigureCanvasAgg(fig).print_png(str(path))
-    return written + [path]
+    return written + [atomic_write_png(fig, folder / "relation_overlap.png")]
 
 
 # ---------------------------------------------------------------------------------------------- main

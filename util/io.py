@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def current_umask() -> int:
@@ -29,6 +29,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_png(fig, path: str | os.PathLike, dpi: Optional[float] = None) -> Path:
+    """A matplotlib ``Figure`` drawn with the Agg backend (no display needed) and written as a PNG in one rename
+    (a reader never sees half a picture); ``dpi`` None keeps the figure's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi or "figure"))
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
