@@ -212,12 +212,33 @@ class Evaluator:
             self.consistency = consistency_resources(data_dir)
 
     def __call__(self, model, tok, record) -> dict:
+        return self.many(model, tok, [record])[0]
+
+    def many(self, model, tok, records: Sequence[dict]) -> List[dict]:
+        """The metrics of each record, all of them scored and decoded in shared batches."""
+        return self._evaluate(model, tok, records, [self._skip_generation(record) for record in records],
+                              self.free_generation)
+
+    def teacher_forced(self, model, tok, records: Sequence[dict]) -> List[dict]:
+        """Only the teacher-forced metrics (no free generation, no generation tests): the cheap part, for
+        scoring many records at a checkpoint."""
+        return self._evaluate(model, tok, records, [True] * len(records), None)
+
+    def _evaluate(self, model, tok, records, skip_generation: List[bool], free_generation) -> List[dict]:
         if self.ds_name == "zsre":
-            from experiments.eval_zsre import compute_rewrite_quality_zsre
+            from experiments.eval_zsre import compute_rewrite_quality_zsre_many
 
-            return compute_rewrite_quality_zsre(model, tok, record, free_generation=self.free_generation)
-        from experiments.eval_counterfact import compute_rewrite_quality_counterfact
+            return compute_rewrite_quality_zsre_many(model, tok, records, self.batch_size, free_generation)
+        from experiments.eval_counterfact import compute_rewrite_quality_counterfact_many
 
+        return compute_rewrite_quality_counterfact_many(
+            model, tok, records, self.consistency.snippets, self.consistency.vectors, skip_generation=skip_generation,
+            generation_protocol=self.generation, consistency_source=self.consistency.source,
+            consistency_unavailable=self.consistency.unavailable_reason, batch_size=self.batch_size,
+            free_generation=free_generation,
+        )
+
+    def _skip_generation(self, record: dict) -> bool:
         skip = self.skip_generation or (record["case_id"] % self.interval != 0)
         if not skip and not record.get("generation_prompts"):
             skip = True
@@ -226,12 +247,7 @@ class Evaluator:
                 LOG.warning("%s records have no generation_prompts: no fluency or consistency metrics for "
                             "them (their case files have no 'text', 'ngram_entropy' or 'reference_score')",
                             self.ds_name)
-        return compute_rewrite_quality_counterfact(
-            model, tok, record, self.consistency.snippets, self.consistency.vectors, skip_generation=skip,
-            generation_protocol=self.generation, consistency_source=self.consistency.source,
-            consistency_unavailable=self.consistency.unavailable_reason, batch_size=self.batch_size,
-            free_generation=self.free_generation,
-        )
+        return skip
 
 
 def save_sequential_state(path: Path, model, edited_modules: List[str], state: Optional[SequentialState],
@@ -249,18 +265,30 @@ def state_edits(rounds: Sequence[Sequence[int]], round_index: int) -> int:
     return sum(len(r) for r in rounds[: round_index + 1])
 
 
-class DownstreamSchedule:
-    """Downstream checks before the first round and after every ``steps`` rounds (0: never)."""
+class CheckpointSchedule:
+    """Before the first round and after every ``steps`` rounds (0: never): the downstream checks and, for a
+    sequential run, the curve point (experiments/curves.py). Each is skipped when its file exists, so a
+    resumed run repeats neither."""
 
     def __init__(self, steps: int, run_dir: Path, n_examples: int, data_dir=None):
         self.steps, self.run_dir, self.n_examples, self.data_dir = steps, run_dir, n_examples, data_dir
 
-    def maybe_run(self, model, tok, rounds_done: int, edit_count: int) -> None:
-        if self.steps <= 0 or rounds_done % self.steps != 0:
-            return
+    def due(self, rounds_done: int) -> bool:
+        return self.steps > 0 and rounds_done % self.steps == 0
+
+    def downstream(self, model, tok, rounds_done: int, edit_count: int) -> None:
         from experiments.downstream import downstream_result_path, evaluate_downstream, write_downstream_result
 
         if downstream_result_path(self.run_dir, edit_count).exists():
             return
         result = evaluate_downstream(model, tok, n_examples=self.n_examples, data_dir=self.data_dir)
         write_downstream_result(self.run_dir, edit_count, result, rounds_done)
+
+    def curve(self, model, tok, rounds_done: int, edit_count: int, records_so_far: Sequence[dict], evaluator,
+              original_weights: dict, generic_text) -> None:
+        from experiments.curves import curve_point, curve_point_path, write_curve_point
+
+        if curve_point_path(self.run_dir, edit_count).exists():
+            return
+        point = curve_point(model, tok, evaluator, records_so_far, original_weights, generic_text)
+        write_curve_point(self.run_dir, edit_count, rounds_done, point)

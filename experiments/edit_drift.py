@@ -5,7 +5,8 @@ WikiText chunks that the statistics did not use (the ones after the first ``mom2
 
 - the relative change of each edited module's output on the unedited model's keys,
   ``sqrt(sum ||dW k||^2 / sum ||W k||^2)`` over all tokens: 0 when the edit leaves generic keys alone;
-- the largest singular value of each accumulated edit over the unedited weight's (PRUNE's bound is 1);
+- the Frobenius norm and the largest singular value of each accumulated edit, and that value over the unedited
+  weight's (PRUNE's bound is 1);
 - the perplexity of the unedited and of the edited model on the same chunks.
 
     python experiments/edit_drift.py --model_name smollm2-135m --run_dirs results/AlphaEdit/run_000 \\
@@ -50,9 +51,10 @@ def load_run(run_dir: Path) -> tuple:
 
 @torch.no_grad()
 def edit_drift(model, token_chunks: torch.Tensor, edited_runs: Sequence[Dict[str, torch.Tensor]],
-               batch_size: int = 8) -> List[dict]:
+               batch_size: int = 8, progress: bool = True) -> List[dict]:
     """For each run's edited weights: the relative output change of every edited module (on the unedited
-    model's keys) and the perplexity before and after. One unedited forward per batch serves all runs."""
+    model's keys), the accumulated edit's Frobenius and spectral norms, and the perplexity before and after.
+    One unedited forward per batch serves all runs."""
     names = list(dict.fromkeys(name for edited in edited_runs for name in edited))
     device = model_device(model)
     unedited = {name: read_weight(model, name).detach().double() for name in names}
@@ -68,7 +70,7 @@ def edit_drift(model, token_chunks: torch.Tensor, edited_runs: Sequence[Dict[str
         return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
 
     batches = list(chunks(range(len(token_chunks)), batch_size))
-    for rows in tqdm(batches, desc=f"drift of {len(edited_runs)} runs", unit="batch"):
+    for rows in tqdm(batches, desc=f"drift of {len(edited_runs)} runs", unit="batch", disable=not progress):
         ids = token_chunks[list(rows)].to(device)
         with TraceDict(model, names, retain_input=True) as traces:
             nll_unedited += summed_nll(model(input_ids=ids).logits, ids)
@@ -84,6 +86,8 @@ def edit_drift(model, token_chunks: torch.Tensor, edited_runs: Sequence[Dict[str
     perplexity = lambda nll: float(torch.tensor(nll / tokens).exp())
     return [{
         "relative_output_change": {name: (moved[run][name] / total[name]) ** 0.5 for name in change},
+        "edit_norm": {name: float(torch.linalg.matrix_norm(change[name])) for name in change},
+        "edit_spectral_norm": {name: float(torch.linalg.matrix_norm(change[name], 2)) for name in change},
         "edit_spectral_ratio": {name: float(torch.linalg.matrix_norm(change[name], 2) / torch.linalg.matrix_norm(
             unedited[name], 2)) for name in change},
         "perplexity_unedited": perplexity(nll_unedited),

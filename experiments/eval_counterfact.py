@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from dsets.tfidf_stats import tfidf_similarity
-from experiments.free_generation import FreeGeneration, free_generation_metrics
+from experiments.free_generation import FreeGeneration, free_generation_metrics_many
 from util.generate import generate_texts, generation_seed, sample_top_k_texts
 from util.scoring import continuation_scores
 
@@ -172,47 +172,94 @@ def compute_rewrite_quality_counterfact(
     """Probabilities, the free-generation metric (unless ``free_generation`` is None) and, unless
     ``skip_generation``, the fluency/consistency metrics of one CounterFact record.
 
-    All prompts and both targets are scored in one batched ``continuation_scores`` call; the greedy answers
-    of all prompts are decoded in one batched loop.
     ``consistency_source`` labels the references and statistics in ``snips``/``vec`` (published or
     substitute); ``consistency_unavailable`` is the reason stored when they are None (a default is used).
     """
+    return compute_rewrite_quality_counterfact_many(
+        model, tok, [record], snips, vec, [skip_generation], generation_protocol, consistency_source,
+        consistency_unavailable, batch_size, free_generation,
+    )[0]
+
+
+def _prompts(record: Dict) -> Dict[str, List[str]]:
     rewrite = record["requested_rewrite"]
-    target_new, target_true = rewrite["target_new"]["str"], rewrite["target_true"]["str"]
-    prompts = {
+    return {
         "rewrite_prompts": [rewrite["prompt"].format(rewrite["subject"])],
         "paraphrase_prompts": list(record.get("paraphrase_prompts", [])),
         "neighborhood_prompts": list(record.get("neighborhood_prompts", [])),
     }
-    flat = [p for kind in PROMPT_KINDS for p in prompts[kind]]
-    scores = continuation_scores(
-        model, tok, [p for p in flat for _ in (0, 1)], [t for _ in flat for t in (target_new, target_true)],
-        batch_size=batch_size,
-    )
-    ret: Dict = {}
-    start = 0
-    for kind in PROMPT_KINDS:
-        pairs = [(scores[2 * i], scores[2 * i + 1]) for i in range(start, start + len(prompts[kind]))]
-        start += len(prompts[kind])
-        ret[f"{kind}_probs"] = [{"target_new": new.mean_nll, "target_true": true.mean_nll} for new, true in pairs]
-        wanted = 1 if kind == "neighborhood_prompts" else 0
-        ret[f"{kind}_correct"] = [all(pair[wanted].token_correct) for pair in pairs]
-    if free_generation is not None:
-        groups = {kind: [(p, target_new, target_true) for p in prompts[kind]]
-                  for kind in ("rewrite_prompts", "paraphrase_prompts")}
-        groups["neighborhood_prompts"] = [(p, target_true, target_new) for p in prompts["neighborhood_prompts"]]
-        ret.update(free_generation_metrics(model, tok, groups, free_generation, batch_size=batch_size))
 
-    if skip_generation:
-        return ret
+
+def _targets(record: Dict) -> tuple:
+    rewrite = record["requested_rewrite"]
+    return rewrite["target_new"]["str"], rewrite["target_true"]["str"]
+
+
+def compute_rewrite_quality_counterfact_many(
+    model,
+    tok,
+    records: Sequence[Dict],
+    snips=None,
+    vec=None,
+    skip_generation: Sequence[bool] = (),
+    generation_protocol: GenerationProtocol = GenerationProtocol(),
+    consistency_source: Optional[str] = None,
+    consistency_unavailable: Optional[str] = None,
+    batch_size: int = 32,
+    free_generation: Optional[FreeGeneration] = FreeGeneration(),
+) -> List[Dict]:
+    """``compute_rewrite_quality_counterfact`` of several records (``skip_generation``: one flag per record,
+    default all False). The prompts and both targets of all records are scored in one batched
+    ``continuation_scores`` call and their greedy answers decoded in one batched loop: on a CPU a round of
+    records costs a fraction of scoring them one by one."""
+    records = list(records)
+    skip_generation = list(skip_generation) or [False] * len(records)
+    if len(skip_generation) != len(records):
+        raise ValueError(f"{len(records)} records but {len(skip_generation)} skip_generation flags")
+    prompts_per_record = [_prompts(record) for record in records]
+    prefixes, targets = [], []
+    for record, prompts in zip(records, prompts_per_record):
+        flat = [p for kind in PROMPT_KINDS for p in prompts[kind]]
+        prefixes += [p for p in flat for _ in (0, 1)]
+        targets += [t for _ in flat for t in _targets(record)]
+    scores = iter(continuation_scores(model, tok, prefixes, targets, batch_size=batch_size))
+    results: List[Dict] = []
+    for prompts in prompts_per_record:
+        ret: Dict = {}
+        for kind in PROMPT_KINDS:
+            pairs = [(next(scores), next(scores)) for _ in prompts[kind]]
+            ret[f"{kind}_probs"] = [{"target_new": new.mean_nll, "target_true": true.mean_nll} for new, true in pairs]
+            wanted = 1 if kind == "neighborhood_prompts" else 0
+            ret[f"{kind}_correct"] = [all(pair[wanted].token_correct) for pair in pairs]
+        results.append(ret)
+    if free_generation is not None:
+        groups_per_record = []
+        for record, prompts in zip(records, prompts_per_record):
+            target_new, target_true = _targets(record)
+            groups = {kind: [(p, target_new, target_true) for p in prompts[kind]]
+                      for kind in ("rewrite_prompts", "paraphrase_prompts")}
+            groups["neighborhood_prompts"] = [(p, target_true, target_new) for p in prompts["neighborhood_prompts"]]
+            groups_per_record.append(groups)
+        for ret, free in zip(results, free_generation_metrics_many(model, tok, groups_per_record, free_generation,
+                                                                  batch_size=batch_size)):
+            ret.update(free)
+    for record, ret, skip in zip(records, results, skip_generation):
+        if not skip:
+            ret.update(_generation_metrics(model, tok, record, snips, vec, generation_protocol, consistency_source,
+                                           consistency_unavailable))
+    return results
+
+
+def _generation_metrics(model, tok, record: Dict, snips, vec, generation_protocol: GenerationProtocol,
+                        consistency_source: Optional[str], consistency_unavailable: Optional[str]) -> Dict:
+    """Fluency and consistency of one record's generations (MEMIT's ``test_generation``)."""
+    rewrite = record["requested_rewrite"]
     generation_prompts = list(record.get("generation_prompts", []))
     texts = []
     if generation_prompts:
         texts = generation_protocol.generate(model, tok, generation_prompts, record.get("case_id"))
-    ret["text"] = texts
-    ret["generation_protocol"] = generation_protocol.to_dict()
-    ret["ngram_entropy"] = n_gram_entropy(texts) if texts else None
-    ret["ngram_tokenizer"] = ngram_tokenizer_name()
+    ret: Dict = {"text": texts, "generation_protocol": generation_protocol.to_dict(),
+                 "ngram_entropy": n_gram_entropy(texts) if texts else None, "ngram_tokenizer": ngram_tokenizer_name()}
 
     reason = None
     if snips is None or vec is None:

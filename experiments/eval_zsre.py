@@ -16,9 +16,9 @@ begins with the expected answer, experiments/free_generation.py), ``*_prompts_ge
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from experiments.free_generation import FreeGeneration, free_generation_metrics
+from experiments.free_generation import FreeGeneration, free_generation_metrics_many
 from util.scoring import continuation_scores
 
 PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
@@ -27,25 +27,33 @@ PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
 def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 32,
                                  free_generation: Optional[FreeGeneration] = FreeGeneration()) -> Dict:
     """Per-token top-1 correctness on the edit prompt, its paraphrases and the neighbourhood prompts,
-    scored in one batched ``continuation_scores`` call, and the free-generation metric."""
+    and the free-generation metric."""
+    return compute_rewrite_quality_zsre_many(model, tok, [record], batch_size, free_generation)[0]
+
+
+def _prompt_groups(record: Dict) -> Dict[str, List[Tuple[str, str]]]:
     rewrite = record["requested_rewrite"]
     target_new = rewrite["target_new"]["str"]
-    edit_prompts = [rewrite["prompt"].format(rewrite["subject"])]
-    paraphrases = list(record.get("paraphrase_prompts", []))
-    neighbours = list(record.get("neighborhood_prompts", []))
-    groups = {
-        "rewrite_prompts": [(p, target_new) for p in edit_prompts],
-        "paraphrase_prompts": [(p, target_new) for p in paraphrases],
-        "neighborhood_prompts": [(n["prompt"], n["target"]) for n in neighbours],
+    return {
+        "rewrite_prompts": [(rewrite["prompt"].format(rewrite["subject"]), target_new)],
+        "paraphrase_prompts": [(p, target_new) for p in record.get("paraphrase_prompts", [])],
+        "neighborhood_prompts": [(n["prompt"], n["target"]) for n in record.get("neighborhood_prompts", [])],
     }
-    pairs = [pair for kind in PROMPT_KINDS for pair in groups[kind]]
-    scores = continuation_scores(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size)
-    ret, start = {}, 0
-    for kind in PROMPT_KINDS:
-        count = len(groups[kind])
-        ret[f"{kind}_correct"] = [list(s.token_correct) for s in scores[start : start + count]]
-        start += count
+
+
+def compute_rewrite_quality_zsre_many(model, tok, records: Sequence[Dict], batch_size: int = 32,
+                                      free_generation: Optional[FreeGeneration] = FreeGeneration()) -> List[Dict]:
+    """``compute_rewrite_quality_zsre`` of several records: the prompts of all of them are scored in one
+    batched ``continuation_scores`` call and decoded in one batched loop."""
+    groups_per_record = [_prompt_groups(record) for record in records]
+    pairs = [pair for groups in groups_per_record for kind in PROMPT_KINDS for pair in groups[kind]]
+    scores = iter(continuation_scores(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size))
+    results = [{f"{kind}_correct": [list(next(scores).token_correct) for _ in groups[kind]] for kind in PROMPT_KINDS}
+               for groups in groups_per_record]
     if free_generation is not None:
-        free_groups = {kind: [(p, t, None) for p, t in groups[kind]] for kind in PROMPT_KINDS}
-        ret.update(free_generation_metrics(model, tok, free_groups, free_generation, batch_size=batch_size))
-    return ret
+        free_groups = [{kind: [(p, t, None) for p, t in groups[kind]] for kind in PROMPT_KINDS}
+                       for groups in groups_per_record]
+        for ret, free in zip(results, free_generation_metrics_many(model, tok, free_groups, free_generation,
+                                                                  batch_size=batch_size)):
+            ret.update(free)
+    return results

@@ -31,20 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from editing.context import EditContext  # noqa: E402
 from editing.sequential import SequentialState  # noqa: E402
 from experiments.algorithms import algorithm_names, get_algorithm  # noqa: E402
-from experiments.driver import (DATASETS, STAGE_LABELS, DownstreamSchedule, Evaluator, RunError,  # noqa: E402,F401
+from experiments.driver import (CheckpointSchedule, DATASETS, STAGE_LABELS, Evaluator, RunError,  # noqa: E402,F401
                                 case_path, continue_run_dir, effective_hparams_file, explanation_path,
                                 load_hparams, load_records, record_to_request,
                                 resolve_hparams_path, save_sequential_state, set_seed, start_run_dir, state_edits)
+from experiments.curves import GenericText, statistics_chunks  # noqa: E402
 from experiments.free_generation import FreeGeneration  # noqa: E402
 from experiments.progress import RunClock  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
 from util.hparams import parse_overrides  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import load_model_and_tokenizer  # noqa: E402
+from util.tokens import chunks  # noqa: E402
 from util.paths import get_paths  # noqa: E402
 from util.weights import load_weights, snapshot_weights, temporarily_loaded  # noqa: E402
 
 LOG = logging.getLogger("evaluate")
+FINAL_EVALUATION_GROUP = 100  # records scored together in the final evaluation; each group is saved as it ends
 
 # MEMIT's switches that have no meaning here: the message says why and what to use instead.
 REMOVED_SWITCHES = {
@@ -167,11 +170,25 @@ def main(argv=None) -> Path:
         LOG.info("restored the edited weights after %d rounds from %s", rounds_done, state_file)
 
     rounds = [list(range(i, min(i + args.num_edits, len(records)))) for i in range(0, len(records), args.num_edits)]
-    downstream = DownstreamSchedule(args.downstream_eval_steps, run_dir, args.downstream_examples, args.data_dir)
-    clock = RunClock(run_dir / "timing.json", len(rounds), len(records),
-                     final_evaluation=sequential and not args.skip_final_eval)
-    with clock.stage("downstream"):
-        downstream.maybe_run(model, tok, rounds_done=0, edit_count=0)
+    checkpoints = CheckpointSchedule(args.downstream_eval_steps, run_dir, args.downstream_examples, args.data_dir)
+    generic_text = GenericText(tok, statistics_chunks=statistics_chunks(hparams), data_dir=args.data_dir)
+    final_evaluation = sequential and not args.skip_final_eval
+    clock = RunClock(run_dir / "timing.json", len(rounds), len(records), final_evaluation=final_evaluation)
+
+    def checkpoint(rounds_done: int) -> None:
+        if not checkpoints.due(rounds_done):
+            return
+        edit_count = state_edits(rounds, rounds_done - 1) if rounds_done else 0
+        with clock.stage("downstream"):
+            checkpoints.downstream(model, tok, rounds_done, edit_count)
+        if sequential:
+            # After the last round the final evaluation scores the same model record by record.
+            last_with_final = rounds_done == len(rounds) and final_evaluation and algorithm.finish is None
+            with clock.stage("curves"):
+                checkpoints.curve(model, tok, rounds_done, edit_count, [] if last_with_final else records[:edit_count],
+                                  evaluate_case, original_weights, generic_text)
+
+    checkpoint(rounds_done=0)
     progress = tqdm(rounds, desc=f"{algorithm.name} rounds", unit="round")
     for round_index, members in enumerate(progress):
         paths = [case_path(run_dir, args.num_edits, records[i]["case_id"]) for i in members]
@@ -180,7 +197,7 @@ def main(argv=None) -> Path:
         round_start = time.perf_counter()
         round_requests = [requests[i] for i in members]
         with clock.stage("pre"), temporarily_loaded(model, original_weights):
-            pre = [evaluate_case(model, tok, records[i]) for i in members]
+            pre = evaluate_case.many(model, tok, [records[i] for i in members])
         set_seed(args.seed + round_index)
         start = time.perf_counter()
         with clock.stage("edit"):
@@ -191,7 +208,7 @@ def main(argv=None) -> Path:
             atomic_write_json(explanation_path(run_dir, round_index), {"round": round_index, **report.explanation})
         post_start = time.perf_counter()
         with clock.stage("post"):
-            post = [evaluate_case(model, tok, records[i]) for i in members]
+            post = evaluate_case.many(model, tok, [records[i] for i in members])
         post_seconds = time.perf_counter() - post_start
         for i, path, pre_metrics, post_metrics in zip(members, paths, pre, post):
             atomic_write_json(path, {
@@ -206,9 +223,7 @@ def main(argv=None) -> Path:
                 "post": post_metrics,
             })
         if sequential:
-            with clock.stage("downstream"):
-                downstream.maybe_run(model, tok, rounds_done=round_index + 1,
-                                     edit_count=state_edits(rounds, round_index))
+            checkpoint(rounds_done=round_index + 1)
             save_sequential_state(state_file, model, edited_modules, state, rounds_done=round_index + 1)
         else:
             load_weights(model, original_weights)
@@ -224,12 +239,18 @@ def main(argv=None) -> Path:
         save_sequential_state(state_file, model, edited_modules, state, rounds_done=len(rounds))
     if sequential and not args.skip_final_eval:
         with clock.stage("final"):
-            for record in tqdm(records, desc="final evaluation", unit="case"):
-                path = case_path(run_dir, args.num_edits, record["case_id"])
-                case = json.loads(path.read_text())
-                if "final" not in case:
-                    case["final"] = evaluate_case(model, tok, record)
-                    atomic_write_json(path, case)
+            bar = tqdm(total=len(records), desc="final evaluation", unit="case")
+            for group in chunks(records, FINAL_EVALUATION_GROUP):
+                paths = [case_path(run_dir, args.num_edits, record["case_id"]) for record in group]
+                cases = [json.loads(path.read_text()) for path in paths]
+                if any("final" not in case for case in cases):
+                    # The whole group, as in an uninterrupted run: the same batches give the same floats.
+                    for path, case, metrics in zip(paths, cases, evaluate_case.many(model, tok, group)):
+                        if "final" not in case:
+                            case["final"] = metrics
+                            atomic_write_json(path, case)
+                bar.update(len(group))
+            bar.close()
         clock.save()
     LOG.info("done: %s", run_dir)
     return run_dir

@@ -78,19 +78,25 @@ def answer_correct(answer: str, expected: str, competing: Optional[str] = None) 
 def free_generation_metrics(model, tok, groups: Dict[str, List[tuple]], protocol: FreeGeneration = FreeGeneration(),
                             batch_size: int = 32) -> Dict:
     """``{kind}_generated_correct`` and ``{kind}_generated_text`` for each kind of ``groups``
-    (``{kind: [(prompt, expected, competing or None), ...]}``), all prompts decoded in one batched loop,
-    and ``free_generation`` (the protocol)."""
-    flat = [item for kind in PROMPT_KINDS for item in groups.get(kind, [])]
+    (``{kind: [(prompt, expected, competing or None), ...]}``) and ``free_generation`` (the protocol)."""
+    return free_generation_metrics_many(model, tok, [groups], protocol, batch_size)[0]
+
+
+def free_generation_metrics_many(model, tok, groups_per_record: Sequence[Dict[str, List[tuple]]],
+                                 protocol: FreeGeneration = FreeGeneration(), batch_size: int = 32) -> List[Dict]:
+    """``free_generation_metrics`` of several records, the prompts of all of them decoded in one batched loop."""
+    flat = [item for groups in groups_per_record for kind in PROMPT_KINDS for item in groups.get(kind, [])]
     budgets = [len(target_ids(tok, expected)) + protocol.extra_tokens for _, expected, _ in flat]
     continuations = greedy_continuation_ids(model, tok, [p for p, _, _ in flat], budgets, batch_size=batch_size)
-    answers = [answer_text(tok, ids) for ids in continuations]
-    out: Dict = {}
-    start = 0
-    for kind in PROMPT_KINDS:
-        items = groups.get(kind, [])
-        chunk = answers[start : start + len(items)]
-        start += len(items)
-        out[f"{kind}_generated_correct"] = [answer_correct(a, e, c) for a, (_, e, c) in zip(chunk, items)]
-        out[f"{kind}_generated_text"] = chunk
-    out["free_generation"] = protocol.to_dict()
-    return out
+    answers = iter(answer_text(tok, ids) for ids in continuations)
+    results = []
+    for groups in groups_per_record:
+        out: Dict = {}
+        for kind in PROMPT_KINDS:
+            items = groups.get(kind, [])
+            chunk = [next(answers) for _ in items]
+            out[f"{kind}_generated_correct"] = [answer_correct(a, e, c) for a, (_, e, c) in zip(chunk, items)]
+            out[f"{kind}_generated_text"] = chunk
+        out["free_generation"] = protocol.to_dict()
+        results.append(out)
+    return results

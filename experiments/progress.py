@@ -1,7 +1,7 @@
 """Where a long run stands: wall time per stage, kept across resumes, and one progress line per round.
 
 A 2,000-edit run takes hours on a CPU; a researcher wants to know after each round how many edits are done,
-where the time went (editing, the pre / post / final evaluations, the downstream checks) and when it will
+where the time went (editing, the pre / post / final evaluations, the downstream checks and curve points) and when it will
 end. ``RunClock`` keeps the seconds of each stage in ``run_NNN/timing.json`` (written atomically after every
 round, so a resumed run adds to what the interrupted one measured) and estimates the time left from the
 rounds this process has run.
@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List
 
 from util.io import atomic_write_json
 
-STAGES = ("pre", "edit", "post", "downstream", "final")
+STAGES = ("pre", "edit", "post", "downstream", "curves", "final")
 
 
 def format_duration(seconds: float) -> str:

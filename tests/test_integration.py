@@ -186,6 +186,7 @@ def test_run_interrupted_in_the_final_evaluation_keeps_its_last_round_step_and_m
     its final evaluation resumes with the saved result of that step, measures only the cases whose final
     metrics are missing, and ends as an uninterrupted run."""
     stand_in = StandIn(monkeypatch, finish=halve_first_layer)
+    monkeypatch.setattr(evaluate, "FINAL_EVALUATION_GROUP", 1)  # each final measurement saved on its own
     args = ("--dataset_size_limit", "3", "--num_edits", "1")
     reference = tiny_run(*args)
     assert stand_in.finished == 1
@@ -196,11 +197,12 @@ def test_run_interrupted_in_the_final_evaluation_keeps_its_last_round_step_and_m
     class Counting(real_evaluator):
         crash_at = None
 
-        def __call__(self, model, tok, record):
-            measurements.append(record["case_id"])
-            if len(measurements) == Counting.crash_at:
-                raise KeyboardInterrupt
-            return super().__call__(model, tok, record)
+        def many(self, model, tok, records):
+            for record in records:
+                measurements.append(record["case_id"])
+                if len(measurements) == Counting.crash_at:
+                    raise KeyboardInterrupt
+            return super().many(model, tok, records)
 
     monkeypatch.setattr(evaluate, "Evaluator", Counting)
     Counting.crash_at = 2 * 3 + 2  # pre and post of three cases, then the second final measurement
@@ -251,6 +253,24 @@ def test_sequential_protocol_and_downstream_schedule(tiny_run, monkeypatch, tiny
     counts = [json.loads((run_dir / "glue_eval" / g).read_text())["edit_count"] for g in glue]
     assert counts == [0, 1, 2]
 
+    # Curve points at the same checkpoints: the edits so far scored on the model of that moment (the final
+    # evaluation stands in after the last round), perplexity and the accumulated edit.
+    from experiments.curves import load_curve
+
+    curve = load_curve(run_dir)
+    assert [p["edit_count"] for p in curve] == [0, 1, 2]
+    assert curve[0]["edits_so_far"] is None and curve[2]["edits_so_far"] is None
+    assert curve[1]["edits_so_far"]["n_cases"] == 1
+    first_at_one = curve[1]["edits_so_far"]["efficacy"]["mean"]
+    assert first_at_one == 100.0 * (nll(first, "post") > first["post"]["rewrite_prompts_probs"][0]["target_new"])
+    assert curve[0]["perplexity_edited"] == pytest.approx(curve[0]["perplexity_unedited"], rel=1e-6)
+    assert all(v == 0 for v in curve[0]["edit_norm"].values())
+    assert curve[1]["perplexity_edited"] != pytest.approx(curve[1]["perplexity_unedited"], rel=1e-4)
+    assert curve[1]["perplexity_unedited"] == pytest.approx(curve[0]["perplexity_unedited"], rel=1e-6)
+    (layer,) = [name for name, norm in curve[1]["edit_norm"].items() if norm > 0]  # the stand-in edits one
+    assert curve[2]["edit_norm"][layer] > 0
+    assert curve[1]["edit_spectral_norm"][layer] <= curve[1]["edit_norm"][layer] + 1e-9
+
 
 def test_progress_lines_and_stage_times_accumulate_over_a_resume(tiny_run, monkeypatch, caplog, tmp_path):
     """Each round logs how far the run is; timing.json holds the seconds of every stage, and a resumed
@@ -266,8 +286,9 @@ def test_progress_lines_and_stage_times_accumulate_over_a_resume(tiny_run, monke
     assert [line.split(";")[0] for line in lines] == ["round 1/3 done: 1/3 edits", "round 2/3 done: 2/3 edits"]
     assert all(line.endswith(" left") for line in lines)
     before = json.loads((run_dir / "timing.json").read_text())["seconds"]
-    assert set(before) == {"pre", "edit", "post", "downstream", "final"}
+    assert set(before) == {"pre", "edit", "post", "downstream", "curves", "final"}
     assert before["downstream"] > 0 and before["pre"] > 0 and before["post"] > 0 and before["final"] == 0
+    assert before["curves"] > 0
 
     stand_in.crash_at = None
     caplog.clear()

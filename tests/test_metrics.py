@@ -641,3 +641,31 @@ def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_t
     free = full["neighborhood_prompts_generated_correct"]
     assert all(tf for tf, said in zip(full["neighborhood_prompts_correct"], free) if said)
     assert all(text.strip() for text in full["neighborhood_prompts_generated_text"])
+
+
+@pytest.mark.parametrize("ds_name", ["mcf", "zsre"])
+def test_records_scored_together_equal_records_scored_alone(ds_name, tiny_llama, tiny_tok, data_dir):
+    """``Evaluator.many`` (a round's records in shared, length-sorted batches) gives each record the metrics it
+    gets alone: the same NLLs up to float rounding, the same top-1 flags and greedy answers, and generation
+    texts only for the records the interval selects."""
+    from experiments.driver import Evaluator, load_records
+
+    records = load_records(ds_name, data_dir, 7)
+    evaluator = Evaluator(ds_name, data_dir, skip_generation=False, interval=3, batch_size=8,
+                          generation_protocol="greedy")
+    evaluator.generation = GenerationProtocol(GREEDY, max_new_tokens=3)
+    together = evaluator.many(tiny_llama, tiny_tok, records)
+    alone = [evaluator(tiny_llama, tiny_tok, record) for record in records]
+    assert len(together) == len(records)
+    compared = 0
+    for record, joint, single in zip(records, together, alone):
+        assert joint.keys() == single.keys()
+        assert ("text" in joint) is (ds_name == "mcf" and record["case_id"] % 3 == 0)
+        for key in joint:
+            if key.endswith("_probs"):
+                flat = lambda entries: [v for entry in entries for v in (entry["target_new"], entry["target_true"])]
+                assert flat(joint[key]) == pytest.approx(flat(single[key]), rel=1e-4, abs=1e-4)
+                compared += len(joint[key])
+            else:
+                assert joint[key] == single[key], key
+    assert compared >= (7 * 3 if ds_name == "mcf" else 0)

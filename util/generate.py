@@ -140,16 +140,20 @@ def greedy_continuation_ids(model, tok, prompts: Sequence[str], max_new_tokens: 
     if len(max_new_tokens) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
     device = model_device(model)
-    out: List[List[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
-        budgets = [max(0, int(n)) for n in max_new_tokens[start : start + batch_size]]
+    encoded = [prompt_ids(tok, p) for p in prompts]
+    budgets = [max(0, int(n)) for n in max_new_tokens]
+    out: List[List[int]] = [[] for _ in prompts]
 
-        def choose(logits: torch.Tensor, active: List[int]) -> dict:
-            best = logits.argmax(dim=-1).cpu()
-            return {row: int(best[row]) for row in active}
+    def choose(logits: torch.Tensor, active: List[int]) -> dict:
+        best = logits.argmax(dim=-1).cpu()
+        return {row: int(best[row]) for row in active}
 
-        out += _decode_batch(model, tok, encoded, budgets, choose, device)
+    # Batches of similar prompt lengths and budgets: little padding, few steps past a row's budget.
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), budgets[i]))
+    for batch in chunks(order, batch_size):
+        for i, ids in zip(batch, _decode_batch(model, tok, [encoded[i] for i in batch], [budgets[i] for i in batch],
+                                               choose, device)):
+            out[i] = ids
     return out
 
 

@@ -70,7 +70,8 @@ def continuation_scores(
     """Score ``target`` (with a leading space) after ``prefix`` for each pair, batched.
 
     Pairs with one-token targets share one row per distinct prefix, the prefix alone read at its last
-    position, so the label words of a classification prompt cost one forward, not one per label."""
+    position, so the label words of a classification prompt cost one forward, not one per label. Rows are
+    batched in order of length, so many short prompts (several records at once) carry little padding."""
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     device = model_device(model)
@@ -87,13 +88,14 @@ def continuation_scores(
         row_tokens.append(prefix if len(target) == 1 else prefix + target)
         row_pairs.append([i])
     results: List[Optional[ContinuationScore]] = [None] * len(pairs)
-    for batch in chunks(range(len(row_tokens)), batch_size):
-        members = [(r, i) for r in batch for i in row_pairs[r]]
+    by_length = sorted(range(len(row_tokens)), key=lambda r: len(row_tokens[r]))  # little padding per batch
+    for batch in chunks(by_length, batch_size):
+        members = [(k, i) for k, r in enumerate(batch) for i in row_pairs[r]]
         wanted = [pairs[i][1] for _, i in members]
         ends = [0 if len(t) == 1 else len(t) for t in wanted]
         keep = max(end + 1 for end in ends)
         logits = left_padded_logits(model, tok, [row_tokens[r] for r in batch], keep, device)
-        log_probs, _, correct = trailing_target_log_probs(logits, wanted, [r - batch[0] for r, _ in members], ends)
+        log_probs, _, correct = trailing_target_log_probs(logits, wanted, [k for k, _ in members], ends)
         lengths = [len(t) for t in wanted]
         for (_, i), nlls, hits in zip(members, (-log_probs).split(lengths), correct.split(lengths)):
             results[i] = ContinuationScore(nlls.tolist(), hits.tolist())
