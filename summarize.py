@@ -4,6 +4,7 @@ Usage::
 
     python summarize.py --dir_name=MEMIT --runs=run_000,run_001 [--json] [--plot] [--results_dir PATH]
     python summarize.py --dir_name=ECE_WI --runs=run_000 --explain [--plot] [--json]
+    python summarize.py --compare ECE_WI/run_000 MEMIT_seq/run_000 [--plot] [--json]
 
 Without ``--runs`` every ``run_NNN`` folder under ``<results_dir>/<dir_name>/`` is summarised.
 
@@ -36,6 +37,10 @@ the last round of a sequential run).
 * Edit time: one ``time`` per round (cases grouped by ``grouped_case_ids``): mean per round and total.
 * ``run_NNN/glue_eval/*.json`` (downstream checks): each task's metrics over ``edit_count``; ``--plot`` writes
   ``run_NNN/downstream.png``.
+* ``run_NNN/curves/*.json`` (sequential runs, experiments/curves.py): the edits so far scored at each checkpoint,
+  perplexity and the accumulated edit; ``--plot`` writes ``run_NNN/curves.png``.
+* ``--compare ALG/run_NNN ...``: runs of several methods in AlphaEdit's Table 1 layout; ``--plot`` also writes
+  ``compare_curves.png`` (all runs on the same axes) into the results directory.
 * ``--explain`` (ECE runs): for each ``explanation_round_NNN.json`` the selected neurons and mass share per
   layer, the clusters (size, mean Jaccard, relations, loops) and the neurons most often among their members'
   top neurons per layer; with ``--plot``, ``explanation_round_NNN.png`` (requests x first-layer top neurons).
@@ -73,6 +78,8 @@ CASE_RE = re.compile(r"(\d+)_edits-case_(.+)\.json")
 FREE_HEADERS = ("Eff. free", "Gen. free", "Spec. free")
 DOWNSTREAM_METRIC_ORDER = ("accuracy", "f1", "mcc")
 DOWNSTREAM_PLOT_NAME = "downstream.png"
+CURVES_PLOT_NAME = "curves.png"  # experiments/curves.py
+COMPARE_PLOT_NAME = "compare_curves.png"
 EXPLANATION_RE = re.compile(r"explanation_round_(\d+)\.json")  # experiments/driver.py explanation_path
 EXPLAIN_TOP_NEURONS = 8  # per cluster and layer in the --explain view
 EXPLAIN_PLOT_NEURONS = 80  # columns of the heatmap at most: the most listed neurons
@@ -413,6 +420,76 @@ def plot_downstream(run: dict) -> Path | None:
     fig.suptitle(f"Downstream tasks: {title}")
     fig.tight_layout()
     return save_png(fig, Path(run["path"]) / DOWNSTREAM_PLOT_NAME)
+
+
+def plot_curves(runs: list[dict], overlay: Path | None = None) -> None:
+    """``curves.png`` in each run folder with curve points, and the ``overlay`` of all of them (when given);
+    the paths go into ``run["curves_plot"]`` and ``runs[0]["overlay_plot"]``."""
+    from experiments.curves import load_curve, plot_overlay, plot_run_curves, run_series
+
+    drawn = []
+    for run in runs:
+        run["curves_plot"] = None
+        if load_curve(Path(run["path"])):
+            series = run_series(Path(run["path"]), run)
+            run["curves_plot"] = str(plot_run_curves(series, Path(run["path"]) / CURVES_PLOT_NAME))
+            logger.info("wrote %s", run["curves_plot"])
+            drawn.append(series)
+    if overlay is not None and runs:
+        runs[0]["overlay_plot"] = str(plot_overlay(drawn, overlay)) if drawn else None
+
+
+def compare(specs: Sequence[str], results_dir: Path) -> list[dict]:
+    """Summaries of ``ALG/run_NNN`` runs of several methods, in the order given, each with the perplexity and
+    mean downstream accuracy of its last checkpoint."""
+    from experiments.curves import load_curve
+
+    runs = []
+    for spec in specs:
+        alg, sep, run_name = spec.strip("/").partition("/")
+        if not sep or not run_name:
+            raise SummarizeError(f"--compare takes ALG/run_NNN (e.g. ECE_WI/run_000), got {spec!r}")
+        (run,) = summarize(alg, [run_name], results_dir)
+        curve = load_curve(Path(run["path"]))
+        run["perplexity"] = curve[-1]["perplexity_edited"] if curve else None
+        run["perplexity_unedited"] = curve[0]["perplexity_unedited"] if curve else None
+        last = (run.get("downstream") or [None])[-1]
+        accuracies = [v["accuracy"] for v in last["tasks"].values() if "accuracy" in v] if last else []
+        run["downstream_last"] = ({"edit_count": last["edit_count"],
+                                   "mean_accuracy": 100.0 * sum(accuracies) / len(accuracies),
+                                   "tasks": {t: 100.0 * v["accuracy"] for t, v in last["tasks"].items()
+                                             if "accuracy" in v}} if accuracies else None)
+        runs.append(run)
+    return runs
+
+
+def render_comparison(runs: list[dict]) -> str:
+    """AlphaEdit's Table 1 layout: one row per run and stage (post, final)."""
+    headers = ["Method", "Run", "Edits", "Stage", "Efficacy", "Generalization", "Specificity", "Fluency",
+               "Consistency", "Eff. free", "Gen. free", "Spec. free", "Perplexity", "Downstream acc."]
+    rows = []
+    for run in runs:
+        ppl = "-" if run.get("perplexity") is None else f"{run['perplexity']:.2f}"
+        glue = run.get("downstream_last")
+        glue_text = "-" if glue is None else f"{glue['mean_accuracy']:.1f} @{glue['edit_count']}"
+        for stage_name in ("post", "final"):
+            stage = run["stages"].get(stage_name)
+            if stage is None:
+                continue
+            rows.append([run.get("alg_name") or "?", run["run"], str(run["n_cases"]), stage_name,
+                         *(format_stat(stage.get(m)) for m in ("efficacy", "generalization", "specificity",
+                                                               "fluency", "consistency", *FREE_METRICS)),
+                         ppl if stage_name == "final" else "-", glue_text if stage_name == "final" else "-"])
+    lines = format_table(headers, rows, left=4)
+    unedited = [r["perplexity_unedited"] for r in runs if r.get("perplexity_unedited") is not None]
+    lines += ["", "post: each record right after its own round; final: every record on the model after the last "
+                  "round. Perplexity on held-out WikiText after the last round"
+              + (f" (unedited model: {unedited[0]:.2f})" if unedited else "")
+              + "; downstream: mean accuracy over the tasks at the last checkpoint (@ edits)."]
+    if runs and runs[0].get("overlay_plot"):
+        lines.append(f"Plot: {runs[0]['overlay_plot']}")
+    lines += [f"Plot: {r['curves_plot']}" for r in runs if r.get("curves_plot")]
+    return "\n".join(lines)
 
 
 def save_png(fig, out: Path) -> Path:
@@ -825,15 +902,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Summarise editing runs of results/<dir_name>/run_NNN into a table (and plots)."
     )
-    parser.add_argument("--dir_name", required=True, help="algorithm folder under the results directory, e.g. MEMIT")
+    parser.add_argument("--dir_name", default=None, help="algorithm folder under the results directory, e.g. MEMIT")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="ALG/run_NNN",
+                        help="instead of --dir_name: runs of several methods side by side (AlphaEdit's Table 1: "
+                             "post and final E/G/S, fluency, consistency, perplexity and downstream accuracy at the "
+                             "last checkpoint); with --plot, compare_curves.png in the results directory")
     parser.add_argument("--runs", default=None,
                         help="comma-separated run folders (run_000,run_001 or 0,1); default: all run_NNN")
     parser.add_argument("--results_dir", default=None,
                         help="results directory (default: ECE_RESULTS_DIR or RESULTS_DIR in globals.yml)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     parser.add_argument("--plot", action="store_true",
-                        help="write downstream.png (downstream metrics over edit_count) into each run folder; "
-                             "with --explain, explanation_round_NNN.png beside each explanation file")
+                        help="write downstream.png (downstream metrics over edit_count) and, for sequential runs "
+                             "with checkpoints, curves.png (experiments/curves.py) into each run folder; with "
+                             "--explain, explanation_round_NNN.png beside each explanation file")
     parser.add_argument("--explain", action="store_true",
                         help="instead of the metrics: each ECE round's clusters, the top neurons their members "
                              "share, and the neurons selected per layer (explanation_round_NNN.json)")
@@ -851,6 +933,14 @@ def run(argv: Sequence[str] | None = None) -> None:
         results_dir = get_paths().results_dir
     else:
         results_dir = Path(args.results_dir).expanduser()
+    if (args.dir_name is None) == (args.compare is None):
+        raise SummarizeError("give either --dir_name (the runs of one method) or --compare ALG/run_NNN ...")
+    if args.compare:
+        runs = compare(args.compare, results_dir)
+        if args.plot:
+            plot_curves(runs, overlay=Path(results_dir) / COMPARE_PLOT_NAME)
+        print(to_json(runs) if args.json else render_comparison(runs))
+        return
     if args.explain:
         explained = explain_runs(args.dir_name, args.runs, results_dir, plot=args.plot)
         print(to_json(explained) if args.json else render_explanations(explained))
@@ -860,6 +950,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         for run_summary in runs:
             path = plot_downstream(run_summary)
             run_summary["downstream_plot"] = None if path is None else str(path)
+        plot_curves(runs)
     if args.json:
         print(to_json(runs))
     else:

@@ -105,3 +105,120 @@ def write_curve_point(run_dir: Path, edit_count: int, round_index: int, point: d
     atomic_write_json(path, {"edit_count": int(edit_count), "round": round_index,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **point})
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Series and pictures (summarize.py --plot)
+# ----------------------------------------------------------------------------------------------------
+
+QUALITY = ("efficacy", "generalization", "specificity")
+
+
+def _short_layer(name: str) -> str:
+    digits = [part for part in name.split(".") if part.isdigit()]
+    return f"layer {digits[0]}" if digits else name
+
+
+def run_series(run_dir: Path, summary: dict) -> dict:
+    """What the pictures draw for one run: ``{"label", "quality": {metric: [(edits, %)]}, "perplexity",
+    "downstream": {task: [(edits, accuracy)]}, "edit_norm" / "edit_spectral_norm" / "edit_spectral_ratio" /
+    "relative_output_change": {layer: [(edits, value)]}}``. The last quality point comes from the ``final``
+    stage when the run's last checkpoint left it to that evaluation."""
+    points = load_curve(run_dir)
+    series: dict = {"label": f"{summary.get('alg_name')} {summary['run']}", "quality": {m: [] for m in QUALITY},
+                    "perplexity": [], "downstream": {}}
+    per_layer = ("edit_norm", "edit_spectral_norm", "edit_spectral_ratio", "relative_output_change")
+    for key in per_layer:
+        series[key] = {}
+    for point in points:
+        count = point["edit_count"]
+        for metric in QUALITY:
+            value = (point.get("edits_so_far") or {}).get(metric)
+            if value is not None:
+                series["quality"][metric].append((count, value["mean"]))
+        series["perplexity"].append((count, point["perplexity_edited"]))
+        for key in per_layer:
+            for name, value in point.get(key, {}).items():
+                series[key].setdefault(_short_layer(name), []).append((count, value))
+    final = summary.get("stages", {}).get("final")
+    if final is not None:
+        count = summary["n_cases"]
+        for metric in QUALITY:
+            if final.get(metric) is not None and all(x != count for x, _ in series["quality"][metric]):
+                series["quality"][metric].append((count, final[metric]["mean"]))
+    for row in summary.get("downstream") or []:
+        for task, values in row["tasks"].items():
+            if "accuracy" in values:
+                series["downstream"].setdefault(task, []).append((row["edit_count"], 100.0 * values["accuracy"]))
+    return series
+
+
+def _draw(ax, lines: Dict[str, list], title: str, ylabel: str) -> None:
+    for label, points in lines.items():
+        if points:
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("edits made")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if any(lines.values()):
+        ax.legend(fontsize=7)
+
+
+def plot_run_curves(series: dict, out: Path) -> Path:
+    """One run: quality of the edits so far, downstream accuracy, perplexity and the accumulated edit per layer."""
+    from matplotlib.figure import Figure
+
+    from util.io import atomic_write_png
+
+    fig = Figure(figsize=(15, 8))
+    axes = fig.subplots(2, 3).ravel()
+    _draw(axes[0], series["quality"], "edits so far, scored now (teacher forced)", "success rate (%)")
+    _draw(axes[1], series["downstream"], "downstream tasks", "accuracy (%)")
+    _draw(axes[2], {"WikiText (held out)": series["perplexity"]}, "perplexity", "perplexity")
+    _draw(axes[3], series["edit_norm"], "accumulated edit ||W - W0||_F", "Frobenius norm")
+    _draw(axes[4], series["edit_spectral_ratio"], "largest singular value of W - W0, over W0's", "ratio")
+    _draw(axes[5], series["relative_output_change"], "edited module's output change on generic text",
+          "relative change")
+    fig.suptitle(f"Sequential edits: {series['label']}")
+    fig.tight_layout()
+    atomic_write_png(fig, out, dpi=110)
+    return out
+
+
+def plot_overlay(all_series: Sequence[dict], out: Path) -> Path:
+    """Several runs on the same axes: the quality of the edits so far, mean downstream accuracy, perplexity and
+    the largest spectral ratio over the edited layers."""
+    from matplotlib.figure import Figure
+
+    from util.io import atomic_write_png
+
+    def mean_downstream(series: dict) -> list:
+        by_count: Dict[int, list] = {}
+        for points in series["downstream"].values():
+            for count, value in points:
+                by_count.setdefault(count, []).append(value)
+        return [(count, sum(v) / len(v)) for count, v in sorted(by_count.items())]
+
+    def largest(series: dict, key: str) -> list:
+        by_count: Dict[int, float] = {}
+        for points in series[key].values():
+            for count, value in points:
+                by_count[count] = max(by_count.get(count, 0.0), value)
+        return sorted(by_count.items())
+
+    fig = Figure(figsize=(15, 8))
+    axes = fig.subplots(2, 3).ravel()
+    for ax, metric in zip(axes[:3], QUALITY):
+        _draw(ax, {s["label"]: s["quality"][metric] for s in all_series}, f"{metric} of the edits so far",
+              "success rate (%)")
+    _draw(axes[3], {s["label"]: mean_downstream(s) for s in all_series}, "downstream accuracy (mean over tasks)",
+          "accuracy (%)")
+    _draw(axes[4], {s["label"]: s["perplexity"] for s in all_series}, "WikiText perplexity (held out)", "perplexity")
+    _draw(axes[5], {s["label"]: largest(s, "edit_spectral_ratio") for s in all_series},
+          "largest s(W - W0) / s(W0) over the edited layers", "ratio")
+    fig.suptitle("Sequential edits, all runs")
+    fig.tight_layout()
+    atomic_write_png(fig, out, dpi=110)
+    return out

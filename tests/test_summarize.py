@@ -739,3 +739,79 @@ def test_explain_errors_name_the_file(tmp_path: Path, capsys):
         path.write_text(json.dumps(broken))
         assert sm.main(["--dir_name=ECE_AS", f"--results_dir={tmp_path}", "--explain"]) == 2
         assert f"corrupt explanation file {path}: {message}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ curves over the number of edits
+
+
+def _sequential_run(root: Path, alg: str, forgets: bool) -> Path:
+    """Two rounds of one edit: case 0 is lost by the end when ``forgets``; curve points at 0, 1 and 2 edits
+    (the one after the last round leaves the edits so far to the final stage), downstream checks at 0 and 2."""
+    from experiments.curves import write_curve_point
+
+    run_dir = root / alg / "run_000"
+    write_params(run_dir, sequential=True, num_edits=1)
+    params = json.loads((run_dir / "params.json").read_text())
+    (run_dir / "params.json").write_text(json.dumps({**params, "alg_name": alg}))
+    good = cf_stage([(1.0, 3.0)], [(1.0, 3.0)], [(3.0, 1.0)])
+    lost = cf_stage([(3.0, 1.0)], [(3.0, 1.0)], [(3.0, 1.0)])
+    write_case(run_dir, 0, [0], 1.0, num_edits=1, post=good, final=lost if forgets else good)
+    write_case(run_dir, 1, [1], 1.0, num_edits=1, post=good, final=good)
+    layer = "model.layers.3.mlp.down_proj"
+    for count, so_far, ppl in ((0, None, 20.0), (1, {"n_cases": 1, "efficacy": {"mean": 100.0}}, 21.0),
+                               (2, None, 30.0 if forgets else 21.5)):
+        norm = 0.0 if count == 0 else float(count)
+        write_curve_point(run_dir, count, count, {
+            "edits_so_far": so_far, "perplexity_unedited": 20.0, "perplexity_edited": ppl,
+            "edit_norm": {layer: norm}, "edit_spectral_norm": {layer: norm / 2},
+            "edit_spectral_ratio": {layer: norm / 10}, "relative_output_change": {layer: norm / 100}})
+    folder = run_dir / "glue_eval"
+    folder.mkdir()
+    for count, accuracy in ((0, 0.8), (2, 0.5 if forgets else 0.75)):
+        (folder / f"edits_{count:06d}.json").write_text(json.dumps(
+            {"edit_count": count, "tasks": {"sst2": {"accuracy": accuracy}, "rte": {"accuracy": accuracy - 0.2}}}))
+    return run_dir
+
+
+def test_run_series_takes_the_last_point_from_the_final_stage(tmp_path: Path):
+    from experiments.curves import run_series
+
+    run_dir = _sequential_run(tmp_path, "MEMIT", forgets=True)
+    (run,) = sm.summarize("MEMIT", results_dir=tmp_path)
+    series = run_series(run_dir, run)
+    assert series["quality"]["efficacy"] == [(1, 100.0), (2, 50.0)]  # case 0 forgotten in the final state
+    assert series["quality"]["specificity"] == [(2, 100.0)]
+    assert series["perplexity"] == [(0, 20.0), (1, 21.0), (2, 30.0)]
+    assert series["edit_norm"] == {"layer 3": [(0, 0.0), (1, 1.0), (2, 2.0)]}
+    assert series["downstream"] == {"sst2": [(0, 80.0), (2, 50.0)], "rte": [(0, pytest.approx(60.0)),
+                                                                            (2, pytest.approx(30.0))]}
+
+
+def test_compare_table_and_curve_pictures(tmp_path: Path, capsys):
+    _sequential_run(tmp_path, "MEMIT", forgets=True)
+    _sequential_run(tmp_path, "AlphaEdit", forgets=False)
+    assert sm.main(["--compare", "MEMIT/run_000", "AlphaEdit/run_000", f"--results_dir={tmp_path}", "--plot"]) == 0
+    out = capsys.readouterr().out
+    rows = {(line.split()[0], line.split()[3]): line.split() for line in out.splitlines()
+            if line.split()[:1] in (["MEMIT"], ["AlphaEdit"])}
+    # Method, Run, Edits, Stage, Efficacy, Generalization, Specificity, ..., Perplexity, Downstream acc. @edits
+    memit_final = rows[("MEMIT", "final")]
+    assert memit_final[4] == "50.0" and memit_final[5] in ("±", "+-") and memit_final[6] == "98.0"
+    assert rows[("AlphaEdit", "final")][4] == "100.0"
+    assert rows[("MEMIT", "final")][-3:] == ["30.00", "40.0", "@2"]
+    assert rows[("AlphaEdit", "final")][-3:] == ["21.50", "65.0", "@2"]
+    assert "unedited model: 20.00" in out
+    for png in (tmp_path / "compare_curves.png", tmp_path / "MEMIT" / "run_000" / "curves.png",
+                tmp_path / "AlphaEdit" / "run_000" / "curves.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Plot: {png}" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare", "MEMIT"], "ALG/run_NNN"),
+    ([], "either --dir_name"),
+    (["--dir_name=MEMIT", "--compare", "MEMIT/run_000"], "either --dir_name"),
+])
+def test_compare_arguments_checked(tmp_path: Path, capsys, argv, message):
+    _sequential_run(tmp_path, "MEMIT", forgets=False)
+    assert sm.main([*argv, f"--results_dir={tmp_path}"]) == 2
+    assert message in capsys.readouterr().err
