@@ -61,6 +61,7 @@ import numpy as np
 from experiments.metrics import (CF_KEYS, COUNTERFACT, FREE_METRICS, MIXED, ZSRE, ZSRE_KEYS, as_number,
                                  counterfact_case_metrics, describe_protocol, detect_dataset, generation_protocol_of,
                                  protocol_identity, summarize_stage, zsre_case_metrics)
+from experiments.curves import curve_rows, load_curve, run_series
 from util.cli import add_verbose_argument, run_script, setup_logging
 from util.errors import ECEError
 
@@ -319,7 +320,7 @@ def summarize_run(run_dir: Path) -> dict:
         if protocol is not None and asked is not None and protocol["name"] not in (asked, MIXED):
             stages[s]["notes"].append(f"params.json asks for the {asked} generation protocol but the case files "
                                       f"record {protocol['name']}")
-    return {
+    summary = {
         "run": run_dir.name,
         "path": str(run_dir),
         "alg_name": params.get("alg_name"),
@@ -335,6 +336,8 @@ def summarize_run(run_dir: Path) -> dict:
         "downstream": load_downstream(run_dir),
         "downstream_plot": None,
     }
+    summary["curve"] = curve_rows(run_series(run_dir, summary)) if load_curve(run_dir) else None
+    return summary
 
 
 def summarize(
@@ -425,7 +428,7 @@ def plot_downstream(run: dict) -> Path | None:
 def plot_curves(runs: list[dict], overlay: Path | None = None) -> None:
     """``curves.png`` in each run folder with curve points, and the ``overlay`` of all of them (when given);
     the paths go into ``run["curves_plot"]`` and ``runs[0]["overlay_plot"]``."""
-    from experiments.curves import load_curve, plot_overlay, plot_run_curves, run_series
+    from experiments.curves import plot_overlay, plot_run_curves
 
     drawn = []
     for run in runs:
@@ -442,8 +445,6 @@ def plot_curves(runs: list[dict], overlay: Path | None = None) -> None:
 def compare(specs: Sequence[str], results_dir: Path) -> list[dict]:
     """Summaries of ``ALG/run_NNN`` runs of several methods, in the order given, each with the perplexity and
     mean downstream accuracy of its last checkpoint."""
-    from experiments.curves import load_curve
-
     runs = []
     for spec in specs:
         alg, sep, run_name = spec.strip("/").partition("/")
@@ -664,6 +665,19 @@ def render_text(runs: list[dict], results_path: Path | None = None) -> str:
         lines += format_table(["edit_count", *(f"{t} {m}" for t, m in columns)], table_rows, left=0)
         if run.get("downstream_plot"):
             lines.append(f"Plot: {run['downstream_plot']}")
+    for run in runs:
+        if not run.get("curve"):
+            continue
+        number = lambda value, digits=1: "-" if value is None else f"{value:.{digits}f}"
+        table_rows = [[str(row["edit_count"]), number(row["efficacy"]), number(row["generalization"]),
+                       number(row["specificity"]), number(row["perplexity"], 2), number(row["max_spectral_ratio"], 3),
+                       number(row["downstream_accuracy"])] for row in run["curve"]]
+        lines += ["", f"Curves of {run['run']} (edits so far scored at each checkpoint; the last from the final "
+                      f"stage where the run left it to that; {Path(run['path']) / 'curves'}):"]
+        lines += format_table(["edits", "Efficacy", "Generalization", "Specificity", "Perplexity",
+                               "max s(dW)/s(W)", "Downstream acc."], table_rows, left=0)
+        if run.get("curves_plot"):
+            lines.append(f"Plot: {run['curves_plot']}")
     return "\n".join(lines)
 
 

@@ -21,14 +21,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from experiments.metrics import (COUNTERFACT, MAGNITUDE_METRICS, SUCCESS_METRICS, counterfact_case_metrics,
                                  detect_dataset, summarize_stage, zsre_case_metrics)
 from util.io import atomic_write_json
-from util.weights import snapshot_weights, temporarily_loaded
+
+if TYPE_CHECKING:  # summarize.py reads the curves without loading torch
+    import torch
 
 LOG = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def curve_point(model, tok, evaluator, records_so_far: Sequence[dict], original_
                 generic_text: GenericText) -> dict:
     """The measurements of the module docstring on the model as it is (edited), against ``original_weights``."""
     from experiments.edit_drift import edit_drift
+    from util.weights import snapshot_weights, temporarily_loaded
 
     start = time.perf_counter()
     point: dict = {"edits_so_far": None}
@@ -151,6 +152,24 @@ def run_series(run_dir: Path, summary: dict) -> dict:
             if "accuracy" in values:
                 series["downstream"].setdefault(task, []).append((row["edit_count"], 100.0 * values["accuracy"]))
     return series
+
+
+def curve_rows(series: dict) -> List[dict]:
+    """The series as table rows by edit count: E / G / S of the edits so far, perplexity, largest spectral ratio
+    over the edited layers, mean downstream accuracy (None where a point has no value)."""
+    counts = sorted({x for points in (*series["quality"].values(), series["perplexity"],
+                                      *series["downstream"].values()) for x, _ in points})
+    lookup = lambda points, count: next((y for x, y in points if x == count), None)
+    rows = []
+    for count in counts:
+        ratios = [lookup(points, count) for points in series["edit_spectral_ratio"].values()]
+        accuracies = [lookup(points, count) for points in series["downstream"].values()]
+        accuracies = [a for a in accuracies if a is not None]
+        rows.append({"edit_count": count, **{m: lookup(series["quality"][m], count) for m in QUALITY},
+                     "perplexity": lookup(series["perplexity"], count),
+                     "max_spectral_ratio": max((r for r in ratios if r is not None), default=None),
+                     "downstream_accuracy": sum(accuracies) / len(accuracies) if accuracies else None})
+    return rows
 
 
 def _draw(ax, lines: Dict[str, list], title: str, ylabel: str) -> None:

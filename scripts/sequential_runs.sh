@@ -24,7 +24,7 @@
 # The exit status is 0 when every run asked for is complete.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-METHODS=${METHODS:-"ECE_WI ECE_GA AlphaEdit MEMIT MEMIT_seq"}
+METHODS=${METHODS:-"ECE_WI MEMIT AlphaEdit MEMIT_seq ECE_GA"}
 EDITS=${EDITS:-2000}
 ROUND=${ROUND:-100}
 DOWNSTREAM_STEPS=${DOWNSTREAM_STEPS:-5}

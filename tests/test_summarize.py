@@ -785,6 +785,13 @@ def test_run_series_takes_the_last_point_from_the_final_stage(tmp_path: Path):
     assert series["edit_norm"] == {"layer 3": [(0, 0.0), (1, 1.0), (2, 2.0)]}
     assert series["downstream"] == {"sst2": [(0, 80.0), (2, 50.0)], "rte": [(0, pytest.approx(60.0)),
                                                                             (2, pytest.approx(30.0))]}
+    from experiments.curves import curve_rows
+
+    rows = curve_rows(series)
+    assert [r["edit_count"] for r in rows] == [0, 1, 2] and run["curve"] == rows
+    assert rows[0]["efficacy"] is None and rows[0]["downstream_accuracy"] == pytest.approx(70.0)
+    assert (rows[2]["efficacy"], rows[2]["perplexity"], rows[2]["max_spectral_ratio"]) == (50.0, 30.0, 0.2)
+    assert rows[1]["downstream_accuracy"] is None
 
 
 def test_compare_table_and_curve_pictures(tmp_path: Path, capsys):
