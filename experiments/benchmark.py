@@ -181,7 +181,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
             algorithm.finish(model, hparams, state)
             round_seconds[-1] += time.perf_counter() - start  # the last round's work
     start = time.perf_counter()
-    case_metrics = [counterfact_case_metrics(evaluate_case(model, tok, r)) for r in records]
+    case_metrics = [counterfact_case_metrics(m) for m in evaluate_case.many(model, tok, records)]
     evaluation_seconds = time.perf_counter() - start
     total = sum(round_seconds)
     z_seconds = seconds.get("target_values", 0.0)

@@ -669,3 +669,18 @@ def test_records_scored_together_equal_records_scored_alone(ds_name, tiny_llama,
             else:
                 assert joint[key] == single[key], key
     assert compared >= (7 * 3 if ds_name == "mcf" else 0)
+
+
+def test_evaluation_benchmark_reports_agreement(tiny_llama, tiny_tok, data_dir):
+    """experiments/benchmark_evaluation.py: both ways of scoring agree, and a disagreement would be counted."""
+    from experiments.benchmark_evaluation import agreement, measure
+    from experiments.driver import load_records
+
+    row = measure(tiny_llama, tiny_tok, "mcf", load_records("mcf", data_dir, 4), True, 8, data_dir)
+    assert row["n_records"] == 4 and row["differing_prompts"] == 0 and row["max_nll_difference"] < 1e-4
+    assert row["seconds_per_record_alone"] > 0 and row["seconds_per_record_together"] > 0
+    stage = {"rewrite_prompts_probs": [{"target_new": 1.0, "target_true": 2.0}], "rewrite_prompts_correct": [True],
+             "rewrite_prompts_generated_text": ["Rome"]}
+    other = {"rewrite_prompts_probs": [{"target_new": 1.5, "target_true": 2.0}], "rewrite_prompts_correct": [False],
+             "rewrite_prompts_generated_text": ["Paris"]}
+    assert agreement([stage], [other]) == {"max_nll_difference": 0.5, "differing_prompts": 2}
