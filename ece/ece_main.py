@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -262,6 +262,12 @@ class ECERound:
             "seconds": seconds, "layers": layers, "clusters": clusters, "requests": per_request,
             "refinement": self.refinements,
         }
+
+
+def check_ece_requests(requests: Sequence[dict], hparams: ECEHyperParams) -> None:
+    """What ECE needs of the requests before a round: a ``relation_id`` each when clustering by relation."""
+    if hparams.cluster_by == "relation":
+        relation_clusters(requests)
 
 
 def apply_ece_to_model(

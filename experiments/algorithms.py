@@ -21,6 +21,8 @@ class Algorithm:
     hparams_folder: str = ""  # hparams/<folder>/; defaults to the algorithm's name
     # finish(model, hparams, state): run once after the last round of a sequential run (PRUNE applied once).
     finish: Optional[Callable] = None
+    # check_requests(requests, hparams): raise before the first round for requests these hparams cannot edit.
+    check_requests: Optional[Callable] = None
 
     @property
     def hparams_dir_name(self) -> str:
@@ -35,7 +37,7 @@ def _registry():
     from baselines.memit import MEMITHyperParams, apply_memit_to_model
     from baselines.prune import PRUNEHyperParams, apply_prune_to_model, finish_prune
     from baselines.rect import RECTHyperParams, apply_rect_to_model
-    from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model
+    from ece import SCORE_METHODS, ECEHyperParams, apply_ece_to_model, check_ece_requests
     from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 
     algorithms = [
@@ -57,7 +59,7 @@ def _registry():
     # The four neuron scores share one hparams folder: the files are the same for all of them.
     algorithms += [Algorithm(f"ECE_{method}", ECEHyperParams, partial(apply_ece_to_model, method=method),
                              sequential_by_default=True, uses_sequential_state=True, keeps_prev_moments=True,
-                             hparams_folder="ECE")
+                             hparams_folder="ECE", check_requests=check_ece_requests)
                    for method in SCORE_METHODS]
     return {a.name: a for a in algorithms}
 

@@ -121,10 +121,8 @@ def main(argv=None) -> Path:
     if not records:
         raise RunError("the dataset selection is empty")
     requests = [record_to_request(r) for r in records]
-    if getattr(hparams, "cluster_by", None) == "relation":  # refused now, not after the first round's evaluation
-        from ece.cluster import relation_clusters
-
-        relation_clusters(requests)
+    if algorithm.check_requests is not None:  # refused now, not after the first round's evaluation
+        algorithm.check_requests(requests, hparams)
     if args.downstream_eval_steps > 0 and not sequential:
         raise RunError("--downstream_eval_steps measures the model as edits accumulate; it needs a sequential "
                        "run (add --sequential, or set --downstream_eval_steps 0)")
