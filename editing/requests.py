@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from dsets.counterfact import check_template
 from util.errors import RequestError
 
 # The prompt of a fact is one sentence; a longer one makes every target-loop step slower and is rarely
@@ -65,8 +66,9 @@ def _template(prompt, subject: str, name: str, from_dataset: bool) -> str:
             raise RequestError(f"{name}: prompt {prompt!r} has no '{{}}' placeholder for the subject; the "
                                "dataset record must have '{}' where the subject goes")
         prompt = prompt.replace(subject, "{}", 1)
-    if prompt.count("{") != 1 or prompt.count("}") != 1:
-        raise RequestError(f"{name}: prompt {prompt!r} has braces other than its '{{}}' placeholder; remove them")
+    problem = check_template(prompt, subject)  # the dataset loaders' check, with the fix for this caller
+    if problem:
+        raise RequestError(f"{name}: {problem}; remove them")
     if not from_dataset and prompt != prompt.rstrip():
         raise RequestError(f"{name}: prompt {prompt!r} ends with whitespace; remove it (the target is read with "
                            "its own leading space)")
