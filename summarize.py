@@ -452,8 +452,8 @@ def compare(specs: Sequence[str], results_dir: Path) -> list[dict]:
             raise SummarizeError(f"--compare takes ALG/run_NNN (e.g. ECE_WI/run_000), got {spec!r}")
         (run,) = summarize(alg, [run_name], results_dir)
         curve = load_curve(Path(run["path"]))
-        run["perplexity"] = curve[-1]["perplexity_edited"] if curve else None
-        run["perplexity_unedited"] = curve[0]["perplexity_unedited"] if curve else None
+        run["perplexity"] = curve[-1].get("perplexity_edited") if curve else None
+        run["perplexity_unedited"] = curve[0].get("perplexity_unedited") if curve else None
         last = (run.get("downstream") or [None])[-1]
         accuracies = [v["accuracy"] for v in last["tasks"].values() if "accuracy" in v] if last else []
         run["downstream_last"] = ({"edit_count": last["edit_count"],

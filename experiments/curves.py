@@ -60,7 +60,10 @@ def edits_so_far_summary(stages: Sequence[dict]) -> Optional[dict]:
 
 
 def statistics_chunks(hparams, chunk_length: int = PERPLEXITY_CHUNK_LENGTH) -> int:
-    """How many leading WikiText chunks of ``chunk_length`` tokens the method's statistics may have read."""
+    """How many leading WikiText chunks of ``chunk_length`` tokens the method's statistics may have read (none
+    when they come from another corpus, as the published files' ``wikipedia``)."""
+    if getattr(hparams, "mom2_dataset", "wikitext") != "wikitext":
+        return 0
     tokens = int(getattr(hparams, "mom2_n_samples", 0) or 0) * int(getattr(hparams, "mom2_sample_length", 0) or 0)
     return -(-tokens // chunk_length)
 
@@ -73,13 +76,21 @@ class GenericText:
         self.tok, self.skip, self.data_dir = tok, statistics_chunks, data_dir
         self.n_chunks, self.chunk_length = n_chunks, chunk_length
         self._chunks: Optional[torch.Tensor] = None
+        self.unavailable: Optional[str] = None  # why there is no held-out text, once known
 
     @property
-    def chunks(self) -> torch.Tensor:
-        if self._chunks is None:
+    def chunks(self) -> Optional[torch.Tensor]:
+        """The chunks, or None (with ``unavailable`` saying why and one warning) when the corpus has too few."""
+        if self._chunks is None and self.unavailable is None:
+            from editing.layer_stats import CorpusNotFoundError
             from experiments.edit_drift import generic_chunks
+            from util.errors import ECEError
 
-            self._chunks = generic_chunks(self.tok, self.skip, self.n_chunks, self.chunk_length, self.data_dir)
+            try:
+                self._chunks = generic_chunks(self.tok, self.skip, self.n_chunks, self.chunk_length, self.data_dir)
+            except (ECEError, CorpusNotFoundError) as e:
+                self.unavailable = str(e)
+                LOG.warning("no perplexity in the curve points: %s", e)
         return self._chunks
 
 
@@ -94,11 +105,24 @@ def curve_point(model, tok, evaluator, records_so_far: Sequence[dict], original_
     if records_so_far:
         point["edits_so_far"] = edits_so_far_summary(evaluator.teacher_forced(model, tok, records_so_far))
     edited = snapshot_weights(model, list(original_weights))
-    with temporarily_loaded(model, original_weights):
-        drift = edit_drift(model, generic_text.chunks, [edited], progress=False)[0]
-    point.update(drift)
+    if generic_text.chunks is None:
+        point.update(edit_norms(edited, original_weights), perplexity_unavailable=generic_text.unavailable)
+    else:
+        with temporarily_loaded(model, original_weights):
+            point.update(edit_drift(model, generic_text.chunks, [edited], progress=False)[0])
     point["seconds"] = time.perf_counter() - start
     return point
+
+
+def edit_norms(edited: Dict[str, torch.Tensor], original: Dict[str, torch.Tensor]) -> dict:
+    """The accumulated edit's norms per module without any text (edit_drift computes them beside the perplexity)."""
+    import torch
+
+    change = {name: edited[name].double() - original[name].double() for name in original}
+    spectral = lambda w: float(torch.linalg.matrix_norm(w, 2))
+    return {"edit_norm": {n: float(torch.linalg.matrix_norm(c)) for n, c in change.items()},
+            "edit_spectral_norm": {n: spectral(c) for n, c in change.items()},
+            "edit_spectral_ratio": {n: spectral(c) / spectral(original[n].double()) for n, c in change.items()}}
 
 
 def write_curve_point(run_dir: Path, edit_count: int, round_index: int, point: dict) -> Path:
@@ -137,7 +161,8 @@ def run_series(run_dir: Path, summary: dict) -> dict:
             value = (point.get("edits_so_far") or {}).get(metric)
             if value is not None:
                 series["quality"][metric].append((count, value["mean"]))
-        series["perplexity"].append((count, point["perplexity_edited"]))
+        if point.get("perplexity_edited") is not None:
+            series["perplexity"].append((count, point["perplexity_edited"]))
         for key in per_layer:
             for name, value in point.get(key, {}).items():
                 series[key].setdefault(_short_layer(name), []).append((count, value))

@@ -822,3 +822,32 @@ def test_compare_arguments_checked(tmp_path: Path, capsys, argv, message):
     _sequential_run(tmp_path, "MEMIT", forgets=False)
     assert sm.main([*argv, f"--results_dir={tmp_path}"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_curve_point_without_held_out_text_keeps_the_edit_norms(tiny_llama, tiny_tok, data_dir, caplog):
+    """Statistics from another corpus skip no WikiText; when the text is too short for the chunks after the
+    statistics' ones, the point says why and still measures the accumulated edit."""
+    import types
+
+    import torch
+
+    from experiments.curves import GenericText, curve_point, statistics_chunks
+    from experiments.driver import Evaluator, load_records
+    from util.weights import add_to_weight, load_weights, snapshot_weights
+
+    assert statistics_chunks(types.SimpleNamespace(mom2_dataset="wikipedia", mom2_n_samples=10, mom2_sample_length=1024)) == 0
+    assert statistics_chunks(types.SimpleNamespace(mom2_dataset="wikitext", mom2_n_samples=10, mom2_sample_length=200)) == 16
+    name = "model.layers.1.mlp.down_proj"
+    original = snapshot_weights(tiny_llama, [name])
+    add_to_weight(tiny_llama, name, torch.ones_like(original[name]) * 0.01)
+    try:
+        evaluator = Evaluator("mcf", data_dir, skip_generation=True, interval=1, batch_size=8, free_generation=False)
+        point = curve_point(tiny_llama, tiny_tok, evaluator, load_records("mcf", data_dir, 2), original,
+                            GenericText(tiny_tok, statistics_chunks=10**7, data_dir=data_dir))
+    finally:
+        load_weights(tiny_llama, original)
+    assert point["edits_so_far"]["n_cases"] == 2 and "perplexity_edited" not in point
+    assert "fewer than" in point["perplexity_unavailable"] and "no perplexity" in caplog.text
+    rows, cols = original[name].shape
+    assert point["edit_norm"][name] == pytest.approx(0.01 * (rows * cols) ** 0.5, rel=1e-5)
+    assert point["edit_spectral_norm"][name] == pytest.approx(point["edit_norm"][name], rel=1e-5)  # rank one
