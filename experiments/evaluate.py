@@ -9,7 +9,9 @@ record gets one case file ``<num_edits>_edits-case_<id>.json`` with ``pre`` (une
 (right after its round) and, for sequential runs, ``final`` (after the last round). Files are written
 atomically; ``--continue_from_run run_NNN`` resumes an interrupted run without losing or duplicating
 a case. ``--hparams key=value ...`` overrides values of the hyperparameter file (JSON values); the run
-folder's params.json and hparams.json record the effective values.
+folder's params.json and hparams.json record the effective values. A round's records are scored together
+(``Evaluator.many``). With ``--downstream_eval_steps N`` a sequential run checks the downstream tasks and writes
+a curve point (experiments/curves.py) before the first round and after every N rounds.
 
 The script is argument parsing and the loop over rounds; its pieces live in ``experiments/driver.py``.
 """
