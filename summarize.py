@@ -336,7 +336,8 @@ def summarize_run(run_dir: Path) -> dict:
         "downstream": load_downstream(run_dir),
         "downstream_plot": None,
     }
-    summary["curve"] = curve_rows(run_series(run_dir, summary)) if load_curve(run_dir) else None
+    points = load_curve(run_dir)
+    summary["curve"] = curve_rows(run_series(points, summary)) if points else None
     return summary
 
 
@@ -433,8 +434,9 @@ def plot_curves(runs: list[dict], overlay: Path | None = None) -> None:
     drawn = []
     for run in runs:
         run["curves_plot"] = None
-        if load_curve(Path(run["path"])):
-            series = run_series(Path(run["path"]), run)
+        points = load_curve(Path(run["path"]))
+        if points:
+            series = run_series(points, run)
             run["curves_plot"] = str(plot_run_curves(series, Path(run["path"]) / CURVES_PLOT_NAME))
             logger.info("wrote %s", run["curves_plot"])
             drawn.append(series)

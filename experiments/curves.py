@@ -97,7 +97,7 @@ class GenericText:
 def curve_point(model, tok, evaluator, records_so_far: Sequence[dict], original_weights: Dict[str, torch.Tensor],
                 generic_text: GenericText) -> dict:
     """The measurements of the module docstring on the model as it is (edited), against ``original_weights``."""
-    from experiments.edit_drift import edit_drift
+    from experiments.edit_drift import edit_drift, edit_norms
     from util.weights import snapshot_weights, temporarily_loaded
 
     start = time.perf_counter()
@@ -106,23 +106,14 @@ def curve_point(model, tok, evaluator, records_so_far: Sequence[dict], original_
         point["edits_so_far"] = edits_so_far_summary(evaluator.teacher_forced(model, tok, records_so_far))
     edited = snapshot_weights(model, list(original_weights))
     if generic_text.chunks is None:
-        point.update(edit_norms(edited, original_weights), perplexity_unavailable=generic_text.unavailable)
+        original = {name: weight.double() for name, weight in original_weights.items()}
+        change = {name: edited[name].double() - original[name] for name in original}
+        point.update(edit_norms(change, original), perplexity_unavailable=generic_text.unavailable)
     else:
         with temporarily_loaded(model, original_weights):
             point.update(edit_drift(model, generic_text.chunks, [edited], progress=False)[0])
     point["seconds"] = time.perf_counter() - start
     return point
-
-
-def edit_norms(edited: Dict[str, torch.Tensor], original: Dict[str, torch.Tensor]) -> dict:
-    """The accumulated edit's norms per module without any text (edit_drift computes them beside the perplexity)."""
-    import torch
-
-    change = {name: edited[name].double() - original[name].double() for name in original}
-    spectral = lambda w: float(torch.linalg.matrix_norm(w, 2))
-    return {"edit_norm": {n: float(torch.linalg.matrix_norm(c)) for n, c in change.items()},
-            "edit_spectral_norm": {n: spectral(c) for n, c in change.items()},
-            "edit_spectral_ratio": {n: spectral(c) / spectral(original[n].double()) for n, c in change.items()}}
 
 
 def write_curve_point(run_dir: Path, edit_count: int, round_index: int, point: dict) -> Path:
@@ -136,28 +127,24 @@ def write_curve_point(run_dir: Path, edit_count: int, round_index: int, point: d
 # Series and pictures (summarize.py --plot)
 # ----------------------------------------------------------------------------------------------------
 
-QUALITY = ("efficacy", "generalization", "specificity")
-
-
 def _short_layer(name: str) -> str:
     digits = [part for part in name.split(".") if part.isdigit()]
     return f"layer {digits[0]}" if digits else name
 
 
-def run_series(run_dir: Path, summary: dict) -> dict:
-    """What the pictures draw for one run: ``{"label", "quality": {metric: [(edits, %)]}, "perplexity",
-    "downstream": {task: [(edits, accuracy)]}, "edit_norm" / "edit_spectral_norm" / "edit_spectral_ratio" /
-    "relative_output_change": {layer: [(edits, value)]}}``. The last quality point comes from the ``final``
+def run_series(points: Sequence[dict], summary: dict) -> dict:
+    """What the pictures draw for one run (``points``: its ``load_curve``): ``{"label", "quality": {metric:
+    [(edits, %)]}, "perplexity", "downstream": {task: [(edits, accuracy)]}, "edit_norm" / "edit_spectral_norm" /
+    "edit_spectral_ratio" / "relative_output_change": {layer: [(edits, value)]}}``. The last quality point comes from the ``final``
     stage when the run's last checkpoint left it to that evaluation."""
-    points = load_curve(run_dir)
-    series: dict = {"label": f"{summary.get('alg_name')} {summary['run']}", "quality": {m: [] for m in QUALITY},
-                    "perplexity": [], "downstream": {}}
+    series: dict = {"label": f"{summary.get('alg_name')} {summary['run']}", "perplexity": [], "downstream": {},
+                    "quality": {metric: [] for metric in SUCCESS_METRICS}}
     per_layer = ("edit_norm", "edit_spectral_norm", "edit_spectral_ratio", "relative_output_change")
     for key in per_layer:
         series[key] = {}
     for point in points:
         count = point["edit_count"]
-        for metric in QUALITY:
+        for metric in SUCCESS_METRICS:
             value = (point.get("edits_so_far") or {}).get(metric)
             if value is not None:
                 series["quality"][metric].append((count, value["mean"]))
@@ -169,7 +156,7 @@ def run_series(run_dir: Path, summary: dict) -> dict:
     final = summary.get("stages", {}).get("final")
     if final is not None:
         count = summary["n_cases"]
-        for metric in QUALITY:
+        for metric in SUCCESS_METRICS:
             if final.get(metric) is not None and all(x != count for x, _ in series["quality"][metric]):
                 series["quality"][metric].append((count, final[metric]["mean"]))
     for row in summary.get("downstream") or []:
@@ -190,7 +177,7 @@ def curve_rows(series: dict) -> List[dict]:
         ratios = [lookup(points, count) for points in series["edit_spectral_ratio"].values()]
         accuracies = [lookup(points, count) for points in series["downstream"].values()]
         accuracies = [a for a in accuracies if a is not None]
-        rows.append({"edit_count": count, **{m: lookup(series["quality"][m], count) for m in QUALITY},
+        rows.append({"edit_count": count, **{m: lookup(series["quality"][m], count) for m in SUCCESS_METRICS},
                      "perplexity": lookup(series["perplexity"], count),
                      "max_spectral_ratio": max((r for r in ratios if r is not None), default=None),
                      "downstream_accuracy": sum(accuracies) / len(accuracies) if accuracies else None})
@@ -254,7 +241,7 @@ def plot_overlay(all_series: Sequence[dict], out: Path) -> Path:
 
     fig = Figure(figsize=(15, 8))
     axes = fig.subplots(2, 3).ravel()
-    for ax, metric in zip(axes[:3], QUALITY):
+    for ax, metric in zip(axes[:3], SUCCESS_METRICS):
         _draw(ax, {s["label"]: s["quality"][metric] for s in all_series}, f"{metric} of the edits so far",
               "success rate (%)")
     _draw(axes[3], {s["label"]: mean_downstream(s) for s in all_series}, "downstream accuracy (mean over tasks)",

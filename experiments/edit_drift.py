@@ -86,14 +86,20 @@ def edit_drift(model, token_chunks: torch.Tensor, edited_runs: Sequence[Dict[str
     perplexity = lambda nll: float(torch.tensor(nll / tokens).exp())
     return [{
         "relative_output_change": {name: (moved[run][name] / total[name]) ** 0.5 for name in change},
-        "edit_norm": {name: float(torch.linalg.matrix_norm(change[name])) for name in change},
-        "edit_spectral_norm": {name: float(torch.linalg.matrix_norm(change[name], 2)) for name in change},
-        "edit_spectral_ratio": {name: float(torch.linalg.matrix_norm(change[name], 2) / torch.linalg.matrix_norm(
-            unedited[name], 2)) for name in change},
+        **edit_norms(change, unedited),
         "perplexity_unedited": perplexity(nll_unedited),
         "perplexity_edited": perplexity(nll_edited[run]),
         "tokens": tokens,
     } for run, change in enumerate(changes)]
+
+
+def edit_norms(change: Dict[str, torch.Tensor], unedited: Dict[str, torch.Tensor]) -> dict:
+    """Per module of ``change`` (the accumulated edits ``W - W_0``): their Frobenius norm, largest singular value,
+    and that value over ``W_0``'s (``unedited``)."""
+    spectral = lambda weight: float(torch.linalg.matrix_norm(weight, 2))
+    return {"edit_norm": {name: float(torch.linalg.matrix_norm(c)) for name, c in change.items()},
+            "edit_spectral_norm": {name: spectral(c) for name, c in change.items()},
+            "edit_spectral_ratio": {name: spectral(c) / spectral(unedited[name]) for name, c in change.items()}}
 
 
 def generic_chunks(tok, skip: int, n_samples: int, sample_length: int, data_dir=None) -> torch.Tensor:

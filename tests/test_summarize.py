@@ -774,11 +774,11 @@ def _sequential_run(root: Path, alg: str, forgets: bool) -> Path:
 
 
 def test_run_series_takes_the_last_point_from_the_final_stage(tmp_path: Path):
-    from experiments.curves import run_series
+    from experiments.curves import load_curve, run_series
 
     run_dir = _sequential_run(tmp_path, "MEMIT", forgets=True)
     (run,) = sm.summarize("MEMIT", results_dir=tmp_path)
-    series = run_series(run_dir, run)
+    series = run_series(load_curve(run_dir), run)
     assert series["quality"]["efficacy"] == [(1, 100.0), (2, 50.0)]  # case 0 forgotten in the final state
     assert series["quality"]["specificity"] == [(2, 100.0)]
     assert series["perplexity"] == [(0, 20.0), (1, 21.0), (2, 30.0)]
