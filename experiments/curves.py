@@ -135,8 +135,8 @@ def _short_layer(name: str) -> str:
 def run_series(points: Sequence[dict], summary: dict) -> dict:
     """What the pictures draw for one run (``points``: its ``load_curve``): ``{"label", "quality": {metric:
     [(edits, %)]}, "perplexity", "downstream": {task: [(edits, accuracy)]}, "edit_norm" / "edit_spectral_norm" /
-    "edit_spectral_ratio" / "relative_output_change": {layer: [(edits, value)]}}``. The last quality point comes from the ``final``
-    stage when the run's last checkpoint left it to that evaluation."""
+    "edit_spectral_ratio" / "relative_output_change": {layer: [(edits, value)]}}``. The last quality point comes
+    from the ``final`` stage when the run's last checkpoint left it to that evaluation."""
     series: dict = {"label": f"{summary.get('alg_name')} {summary['run']}", "perplexity": [], "downstream": {},
                     "quality": {metric: [] for metric in SUCCESS_METRICS}}
     per_layer = ("edit_norm", "edit_spectral_norm", "edit_spectral_ratio", "relative_output_change")
