@@ -338,6 +338,7 @@ def summarize_run(run_dir: Path) -> dict:
     }
     points = load_curve(run_dir)
     summary["curve"] = curve_rows(run_series(points, summary)) if points else None
+    summary["curve_points"] = points
     return summary
 
 
@@ -428,41 +429,76 @@ def plot_downstream(run: dict) -> Path | None:
 
 def plot_curves(runs: list[dict], overlay: Path | None = None) -> None:
     """``curves.png`` in each run folder with curve points, and the ``overlay`` of all of them (when given);
-    the paths go into ``run["curves_plot"]`` and ``runs[0]["overlay_plot"]``."""
+    the paths go into ``run["curves_plot"]`` and ``runs[0]["overlay_plot"]``. A run read from a digest file has
+    no folder here: it is drawn in the overlay only."""
     from experiments.curves import plot_overlay, plot_run_curves
 
     drawn = []
     for run in runs:
         run["curves_plot"] = None
-        points = load_curve(Path(run["path"]))
+        points = run.get("curve_points")
         if points:
             series = run_series(points, run)
-            run["curves_plot"] = str(plot_run_curves(series, Path(run["path"]) / CURVES_PLOT_NAME))
-            logger.info("wrote %s", run["curves_plot"])
+            if not run.get("digest"):
+                run["curves_plot"] = str(plot_run_curves(series, Path(run["path"]) / CURVES_PLOT_NAME))
+                logger.info("wrote %s", run["curves_plot"])
             drawn.append(series)
     if overlay is not None and runs:
         runs[0]["overlay_plot"] = str(plot_overlay(drawn, overlay)) if drawn else None
 
 
+DIGEST_KEYS = ("run", "alg_name", "n_cases", "stages", "downstream", "curve_points")
+
+
+def load_digest(path: Path) -> list[dict]:
+    """The runs of a digest file: the output of ``summarize.py --json`` or ``--compare ... --json`` saved from
+    another machine or session (a few kB per run: every number the table and the curves need)."""
+    data = _load_json(path, "digest")
+    runs = data if isinstance(data, list) else [data]
+    for i, run in enumerate(runs):
+        missing = [key for key in DIGEST_KEYS if not isinstance(run, dict) or key not in run]
+        if missing:
+            raise SummarizeError(
+                f"{path} is not a digest of runs: entry {i} lacks {', '.join(missing)}. Write one with "
+                f"'summarize.py --compare ALG/run_NNN --json > {path.name}' (or --dir_name ALG --json)")
+        run["digest"] = str(path)
+    return runs
+
+
+def _with_last_checkpoint(run: dict) -> dict:
+    """Add the perplexity (unedited, and after the last round) and the mean downstream accuracy of the last
+    checkpoint, the columns of the comparison that come from the curve points and downstream files."""
+    curve = run.get("curve_points") or []
+    run["perplexity"] = curve[-1].get("perplexity_edited") if curve else None
+    run["perplexity_unedited"] = curve[0].get("perplexity_unedited") if curve else None
+    last = (run.get("downstream") or [None])[-1]
+    accuracies = [v["accuracy"] for v in last["tasks"].values() if "accuracy" in v] if last else []
+    run["downstream_last"] = ({"edit_count": last["edit_count"],
+                               "mean_accuracy": 100.0 * sum(accuracies) / len(accuracies),
+                               "tasks": {t: 100.0 * v["accuracy"] for t, v in last["tasks"].items()
+                                         if "accuracy" in v}} if accuracies else None)
+    return run
+
+
 def compare(specs: Sequence[str], results_dir: Path) -> list[dict]:
-    """Summaries of ``ALG/run_NNN`` runs of several methods, in the order given, each with the perplexity and
-    mean downstream accuracy of its last checkpoint."""
+    """Summaries of several methods' runs, in the order given, each with the perplexity and mean downstream
+    accuracy of its last checkpoint. A spec is ``ALG/run_NNN`` (a folder of ``results_dir``) or the path of a
+    digest file (``.json``, see :func:`load_digest`), so runs made on different machines can be compared."""
     runs = []
     for spec in specs:
+        if spec.endswith(".json"):
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise SummarizeError(f"digest file {path} not found: give ALG/run_NNN or the path of a file "
+                                     "written by 'summarize.py ... --json'")
+            runs.extend(_with_last_checkpoint(run) for run in load_digest(path))
+            continue
         alg, sep, run_name = spec.strip("/").partition("/")
         if not sep or not run_name:
-            raise SummarizeError(f"--compare takes ALG/run_NNN (e.g. ECE_WI/run_000), got {spec!r}")
+            raise SummarizeError(f"--compare takes ALG/run_NNN (e.g. ECE_WI/run_000) or a digest file (.json), "
+                                 f"got {spec!r}")
         (run,) = summarize(alg, [run_name], results_dir)
-        curve = load_curve(Path(run["path"]))
-        run["perplexity"] = curve[-1].get("perplexity_edited") if curve else None
-        run["perplexity_unedited"] = curve[0].get("perplexity_unedited") if curve else None
-        last = (run.get("downstream") or [None])[-1]
-        accuracies = [v["accuracy"] for v in last["tasks"].values() if "accuracy" in v] if last else []
-        run["downstream_last"] = ({"edit_count": last["edit_count"],
-                                   "mean_accuracy": 100.0 * sum(accuracies) / len(accuracies),
-                                   "tasks": {t: 100.0 * v["accuracy"] for t, v in last["tasks"].items()
-                                             if "accuracy" in v}} if accuracies else None)
-        runs.append(run)
+        runs.append(_with_last_checkpoint(run))
     return runs
 
 
@@ -919,10 +955,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Summarise editing runs of results/<dir_name>/run_NNN into a table (and plots)."
     )
     parser.add_argument("--dir_name", default=None, help="algorithm folder under the results directory, e.g. MEMIT")
-    parser.add_argument("--compare", nargs="+", default=None, metavar="ALG/run_NNN",
+    parser.add_argument("--compare", nargs="+", default=None, metavar="ALG/run_NNN|DIGEST.json",
                         help="instead of --dir_name: runs of several methods side by side (AlphaEdit's Table 1: "
                              "post and final E/G/S, fluency, consistency, perplexity and downstream accuracy at the "
-                             "last checkpoint); with --plot, compare_curves.png in the results directory")
+                             "last checkpoint); with --plot, compare_curves.png in the results directory. A run "
+                             "made elsewhere is given as its digest, the --json output saved to a .json file")
     parser.add_argument("--runs", default=None,
                         help="comma-separated run folders (run_000,run_001 or 0,1); default: all run_NNN")
     parser.add_argument("--results_dir", default=None,

@@ -851,3 +851,41 @@ def test_curve_point_without_held_out_text_keeps_the_edit_norms(tiny_llama, tiny
     rows, cols = original[name].shape
     assert point["edit_norm"][name] == pytest.approx(0.01 * (rows * cols) ** 0.5, rel=1e-5)
     assert point["edit_spectral_norm"][name] == pytest.approx(point["edit_norm"][name], rel=1e-5)  # rank one
+
+
+def test_compare_reads_digests_of_runs_made_elsewhere(tmp_path: Path, capsys):
+    """``--compare ... --json`` saved to a file stands in for a run folder that is gone (another machine or
+    session): the same table rows and the run in the overlay picture."""
+    import shutil
+
+    _sequential_run(tmp_path, "MEMIT", forgets=True)
+    _sequential_run(tmp_path, "AlphaEdit", forgets=False)
+    assert sm.main(["--compare", "MEMIT/run_000", "AlphaEdit/run_000", f"--results_dir={tmp_path}"]) == 0
+    table = capsys.readouterr().out
+    assert sm.main(["--compare", "MEMIT/run_000", f"--results_dir={tmp_path}", "--json"]) == 0
+    digest = tmp_path / "memit_digest.json"
+    digest.write_text(capsys.readouterr().out)
+    shutil.rmtree(tmp_path / "MEMIT")
+    assert sm.main(["--compare", str(digest), "AlphaEdit/run_000", f"--results_dir={tmp_path}", "--plot"]) == 0
+    out = capsys.readouterr().out
+    rows = lambda text: [line for line in text.splitlines() if line.split()[:1] in (["MEMIT"], ["AlphaEdit"])]
+    assert rows(out) == rows(table) and len(rows(out)) == 4
+    assert (tmp_path / "compare_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "MEMIT").exists()  # no per-run picture for a run that has no folder here
+    runs = sm.compare([str(digest)], tmp_path)
+    assert runs[0]["perplexity"] == 30.0 and runs[0]["downstream_last"]["mean_accuracy"] == pytest.approx(40.0)
+    assert [p["edit_count"] for p in runs[0]["curve_points"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "corrupt digest"),
+    ('[{"run": "run_000"}]', "entry 0 lacks alg_name"),
+])
+def test_bad_digest_named(tmp_path: Path, capsys, content, message):
+    digest = tmp_path / "d.json"
+    digest.write_text(content)
+    assert sm.main(["--compare", str(digest), f"--results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(digest) in err and "Traceback" not in err
+    assert sm.main(["--compare", str(tmp_path / "missing.json"), f"--results_dir={tmp_path}"]) == 2
+    assert "digest file" in capsys.readouterr().err
