@@ -484,6 +484,29 @@ def test_layers_below_the_edit_run_once_per_loop(arch, request, more_requests, c
             counter.remove()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compiled_layers_give_the_same_target_values(arch, request, more_requests, context_templates, ece_hparams):
+    """z_compile runs the layers of every step as compiled code: the values, steps and losses of eager code up
+    to float rounding, through the caches and shrinking batches, and the layers' own forward afterwards."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    tok = request.getfixturevalue("tiny_tok")
+    first = compute_target_values(model, tok, more_requests, ece_hparams(arch, v_num_grad_steps=1), context_templates,
+                                  z_layer=2).losses
+    hp = ece_hparams(arch, v_num_grad_steps=6, v_stop_loss=float(np.median(first)))  # some stop, some go on
+    eager = compute_target_values(model, tok, more_requests, hp, context_templates, z_layer=2, requests_per_loop=3)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for below_cache in (True, False):
+        compiled = compute_target_values(model, tok, more_requests, replace(hp, z_compile=True,
+                                         z_below_cache=below_cache), context_templates, z_layer=2, requests_per_loop=3)
+        assert torch.allclose(compiled.targets, eager.targets, rtol=1e-4, atol=1e-5)
+        assert compiled.steps == eager.steps and len(set(eager.steps)) > 1
+        assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert counters["stats"]["unique_graphs"] > 0  # compiled code ran, not an eager fallback
+    assert all("forward" not in get_module(model, hp.layer_module(i)).__dict__ for i in range(4))
+
+
 PAPER_VALUES = {  # DESIGN.md / the ECE paper: layers, lambda, v_lr, steps, loss layer
     "gpt2-xl": ([13, 14, 15, 16, 17], 20000, 0.5, 20, 47),
     "Llama3-8B": ([4, 5, 6, 7, 8], 15000, 0.1, 25, 31),

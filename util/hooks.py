@@ -15,7 +15,8 @@ One small mechanism used everywhere instead of model-specific forward code (MEMI
 Decoder layers of transformers 5 return a tensor, older ones a tuple whose first element is the hidden
 state; both are handled. ``stop=True`` raises ``StopForward`` after the module ran, so a forward pass
 can end at the last layer that is needed; ``Trace`` swallows it. ``skip_modules`` runs none of some
-modules and hands on a known output instead (the layers below an edit, whose output no step changes).
+modules and hands on a known output instead (the layers below an edit, whose output no step changes);
+``compiled_modules`` runs some modules as compiled code, their hooks still around them.
 """
 from __future__ import annotations
 
@@ -131,6 +132,40 @@ def skip_modules(model: torch.nn.Module, names: Sequence[str], output: Callable[
         for module in modules:
             module.forward = lambda *args, **kwargs: output()
         yield
+    finally:
+        for module, forward in zip(modules, replaced):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+# Compiled variants a function may gather before dynamo gives up on it: every decoder layer reads its own
+# entry of the key/value cache, so one layer's code is specialised once per layer (30 for smollm2-135m).
+COMPILE_RECOMPILE_LIMIT = 512
+
+
+@contextlib.contextmanager
+def compiled_modules(model: torch.nn.Module, names: Sequence[str]):
+    """Inside the block, each module of ``names`` runs its forward as ``torch.compile``'d code (dynamic
+    shapes: the batch shrinks as requests stop). Hooks live in ``Module.__call__``, outside the compiled
+    code, so ``Trace`` and ``skip_modules`` work as before. Compiled code is cached on the forward's code
+    object, so entering the block again (the next loop, the next round) reuses it; code that cannot be
+    compiled runs eagerly with a warning.
+    """
+    import torch._dynamo
+
+    named = dict(model.named_modules())
+    modules = [named[name] if name in named else get_module(model, name) for name in names]
+    replaced = [module.__dict__.get("forward") for module in modules]
+    limits = {"recompile_limit": max(COMPILE_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
+              "accumulated_recompile_limit": max(8 * COMPILE_RECOMPILE_LIMIT,
+                                                 torch._dynamo.config.accumulated_recompile_limit)}
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True, **limits):
+            for module in modules:
+                module.forward = torch.compile(module.forward, dynamic=True)
+            yield
     finally:
         for module, forward in zip(modules, replaced):
             if forward is None:
