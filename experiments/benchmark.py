@@ -188,6 +188,7 @@ def run_algorithm(spec: str, args, records, context: EditContext, evaluate_case:
     flops = tokens * target_flops_per_token(model, hparams)
     row = {
         "alg": spec, "round_seconds": total / len(round_seconds), "rounds": len(round_seconds),
+        "each_round_seconds": round_seconds,  # the first also pays one-off work (z_compile's compilation)
         "z_seconds": z_seconds, "update_seconds": seconds.get("update", 0.0),
         "stage_seconds": {s: seconds.get(s, 0.0) for s in STAGES},
         "evaluation_seconds": evaluation_seconds,
