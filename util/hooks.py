@@ -118,19 +118,15 @@ class Trace(contextlib.AbstractContextManager):
 
 
 @contextlib.contextmanager
-def skip_modules(model: torch.nn.Module, names: Sequence[str], output: Callable[[], object]):
-    """Inside the block, each module of ``names`` computes nothing and returns ``output()``.
-
-    Hooks on those modules still run, so a ``Trace`` on the last skipped module sees (and may edit) the
-    value handed on. ``output()`` must have the form the module returns (a tensor in transformers 5).
-    Modules whose ``forward`` was already replaced on the instance (accelerate's device hooks) get it back.
-    """
-    named = dict(model.named_modules())  # one walk of the model: this runs at every optimisation step
+def _forwards_replaced(model: torch.nn.Module, names: Sequence[str], forward_of: Callable):
+    """Inside the block each module of ``names`` runs ``forward_of(module)`` as its forward; afterwards the
+    instance's own forward comes back (accelerate's device hooks replace it on the instance), or none."""
+    named = dict(model.named_modules())  # one walk of the model: skip_modules runs at every optimisation step
     modules = [named[name] if name in named else get_module(model, name) for name in names]
     replaced = [module.__dict__.get("forward") for module in modules]
     try:
         for module in modules:
-            module.forward = lambda *args, **kwargs: output()
+            module.forward = forward_of(module)
         yield
     finally:
         for module, forward in zip(modules, replaced):
@@ -138,6 +134,17 @@ def skip_modules(model: torch.nn.Module, names: Sequence[str], output: Callable[
                 del module.forward
             else:
                 module.forward = forward
+
+
+@contextlib.contextmanager
+def skip_modules(model: torch.nn.Module, names: Sequence[str], output: Callable[[], object]):
+    """Inside the block, each module of ``names`` computes nothing and returns ``output()``.
+
+    Hooks on those modules still run, so a ``Trace`` on the last skipped module sees (and may edit) the
+    value handed on. ``output()`` must have the form the module returns (a tensor in transformers 5).
+    """
+    with _forwards_replaced(model, names, lambda module: lambda *args, **kwargs: output()):
+        yield
 
 
 # Compiled variants a function may gather before dynamo gives up on it: every decoder layer reads its own
@@ -155,23 +162,12 @@ def compiled_modules(model: torch.nn.Module, names: Sequence[str]):
     """
     import torch._dynamo
 
-    named = dict(model.named_modules())
-    modules = [named[name] if name in named else get_module(model, name) for name in names]
-    replaced = [module.__dict__.get("forward") for module in modules]
     limits = {"recompile_limit": max(COMPILE_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
               "accumulated_recompile_limit": max(8 * COMPILE_RECOMPILE_LIMIT,
                                                  torch._dynamo.config.accumulated_recompile_limit)}
-    try:
-        with torch._dynamo.config.patch(suppress_errors=True, **limits):
-            for module in modules:
-                module.forward = torch.compile(module.forward, dynamic=True)
-            yield
-    finally:
-        for module, forward in zip(modules, replaced):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+    with torch._dynamo.config.patch(suppress_errors=True, **limits), \
+            _forwards_replaced(model, names, lambda module: torch.compile(module.forward, dynamic=True)):
+        yield
 
 
 class TraceDict(OrderedDict, contextlib.AbstractContextManager):
