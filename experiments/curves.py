@@ -184,7 +184,8 @@ def curve_rows(series: dict) -> List[dict]:
     return rows
 
 
-def _draw(ax, lines: Dict[str, list], title: str, ylabel: str) -> None:
+def _draw(ax, lines: Dict[str, list], title: str, ylabel: str, log: bool = False) -> None:
+    """``log``: a logarithmic y axis (perplexity, which grows by orders of magnitude when a model breaks)."""
     for label, points in lines.items():
         if points:
             xs, ys = zip(*sorted(points))
@@ -195,6 +196,8 @@ def _draw(ax, lines: Dict[str, list], title: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
     if any(lines.values()):
         ax.legend(fontsize=7)
+        if log:
+            ax.set_yscale("log")
 
 
 def plot_run_curves(series: dict, out: Path) -> Path:
@@ -207,7 +210,7 @@ def plot_run_curves(series: dict, out: Path) -> Path:
     axes = fig.subplots(2, 3).ravel()
     _draw(axes[0], series["quality"], "edits so far, scored now (teacher forced)", "success rate (%)")
     _draw(axes[1], series["downstream"], "downstream tasks", "accuracy (%)")
-    _draw(axes[2], {"WikiText (held out)": series["perplexity"]}, "perplexity", "perplexity")
+    _draw(axes[2], {"WikiText (held out)": series["perplexity"]}, "perplexity (log scale)", "perplexity", log=True)
     _draw(axes[3], series["edit_norm"], "accumulated edit ||W - W0||_F", "Frobenius norm")
     _draw(axes[4], series["edit_spectral_ratio"], "largest singular value of W - W0, over W0's", "ratio")
     _draw(axes[5], series["relative_output_change"], "edited module's output change on generic text",
@@ -246,7 +249,8 @@ def plot_overlay(all_series: Sequence[dict], out: Path) -> Path:
               "success rate (%)")
     _draw(axes[3], {s["label"]: mean_downstream(s) for s in all_series}, "downstream accuracy (mean over tasks)",
           "accuracy (%)")
-    _draw(axes[4], {s["label"]: s["perplexity"] for s in all_series}, "WikiText perplexity (held out)", "perplexity")
+    _draw(axes[4], {s["label"]: s["perplexity"] for s in all_series}, "WikiText perplexity (held out, log scale)",
+          "perplexity", log=True)
     _draw(axes[5], {s["label"]: largest(s, "edit_spectral_ratio") for s in all_series},
           "largest s(W - W0) / s(W0) over the edited layers", "ratio")
     fig.suptitle("Sequential edits, all runs")
