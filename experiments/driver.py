@@ -159,14 +159,18 @@ def _difference(key: str, saved, now) -> str:
     return f"{key}: run has {saved!r}, now {now!r}"
 
 
-def continue_run_dir(alg_dir: Path, run_name: str, run_params: dict) -> Path:
-    """The run folder to resume; :class:`RunError` when it does not exist or ran with other settings."""
+def continue_run_dir(alg_dir: Path, run_name: str, run_params: dict, hparams_defaults: Optional[dict] = None) -> Path:
+    """The run folder to resume; :class:`RunError` when it does not exist or ran with other settings.
+    ``hparams_defaults``: a hyperparameter the run's params.json lacks (it was added to the code later) counts
+    as its default, so adding a field never strands a run made before."""
     run_dir = alg_dir / run_name
     params_file = run_dir / "params.json"
     if not params_file.exists():
         existing = sorted(p.name for p in alg_dir.glob("run_*")) if alg_dir.exists() else []
         raise RunError(f"cannot continue: {params_file} does not exist. Runs of {alg_dir.name}: {existing or 'none'}")
     saved = json.loads(params_file.read_text())
+    if hparams_defaults and isinstance(saved.get("hparams"), dict):
+        saved["hparams"] = {**hparams_defaults, **saved["hparams"]}
     saved_value = lambda k: saved.get(k, RUN_KEY_DEFAULTS.get(k))
     differences = [k for k in RUN_KEYS if saved_value(k) != run_params.get(k)]
     if differences:

@@ -143,7 +143,7 @@ def main(argv=None) -> Path:
     }
     alg_dir = Path(args.results_dir or get_paths().results_dir) / algorithm.name
     if args.continue_from_run:
-        run_dir = continue_run_dir(alg_dir, args.continue_from_run, run_params)
+        run_dir = continue_run_dir(alg_dir, args.continue_from_run, run_params, type(hparams).defaults())
     else:
         run_dir = start_run_dir(alg_dir, run_params, effective_hparams_file(hparams_path, overrides))
 

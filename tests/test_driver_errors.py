@@ -185,6 +185,16 @@ def test_hparams_overrides_are_applied_and_recorded(folders, monkeypatch):
     with pytest.raises(driver.RunError, match=r"hparams.layers: run has \[3, 4\], now"):
         main(*args, "--hparams", "v_lr=0.25", "mom2_dtype=float64", "--continue_from_run", "run_000")
 
+    # A run made before a hyperparameter existed ran with its default: it resumes with the default, not otherwise.
+    params_file = run_dir / "params.json"
+    params["hparams"].pop("z_compile")
+    params_file.write_text(json.dumps(params))
+    with pytest.raises(KeyboardInterrupt):
+        main(*args, "--hparams", "v_lr=0.25", "layers=[3,4]", "mom2_dtype=float64", "--continue_from_run", "run_000")
+    with pytest.raises(driver.RunError, match=r"hparams.z_compile: run has False, now True"):
+        main(*args, "--hparams", "v_lr=0.25", "layers=[3,4]", "mom2_dtype=float64", "z_compile=true",
+             "--continue_from_run", "run_000")
+
 
 def test_bad_hparams_override_names_the_key(folders):
     with pytest.raises(HParamsError, match=r"unknown key\(s\) \['v_lrr'\]"):

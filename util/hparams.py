@@ -101,6 +101,17 @@ class HyperParams:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """The fields that have a default, with it: what a run made before such a field existed ran with."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        return values
+
 
 def read_hparams_file(path: str | Path) -> dict:
     """The JSON object of a hyperparameter file; :class:`HParamsError` when it is missing or not JSON."""
