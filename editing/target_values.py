@@ -27,7 +27,7 @@ keys and values are computed once, before the loop, and every step runs only the
 (``prefix_cache``): the same values, with a fraction of the tokens per step. Likewise no layer up to
 ``z_layer`` depends on a delta (it is added to that layer's output), so by default (``z_below_cache``)
 the output of layer ``z_layer`` is computed once per loop and every step runs only the layers above it.
-``z_compile`` runs the layers of every step as ``torch.compile``'d code (equal values up to float rounding).
+``z_compile`` runs those layers as ``torch.compile``'d code (equal values up to float rounding).
 
 ``shared_delta=True`` (ECE's ``z_mode: shared`` ablation) gives every loop one delta for all its
 requests: it minimises their mean loss, a member leaves when its loss is below the stopping loss, and
@@ -36,7 +36,7 @@ its norm is clamped against the smallest ``||h_j||`` of the loop.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
@@ -259,11 +259,8 @@ def compute_target_values(
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
-    compiled = compiled_modules(model, _layers_each_step(hparams, z_layer, edit_module)) if hparams.z_compile \
-        else nullcontext()
-    with compiled:
-        parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta,
-                           prefix_cache, edit_module) for loop in loops]
+    parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta, prefix_cache,
+                       edit_module) for loop in loops]
     position = torch.argsort(torch.tensor(order))  # back to request order
     loop_index = {i: k for k, loop in enumerate(loops) for i in loop}
     stacked = lambda name: torch.cat([getattr(p, name) for p in parts])[position.to(parts[0].targets.device)]
@@ -274,20 +271,6 @@ def compute_target_values(
         loops=len(parts), loop_of=[loop_index[i] for i in range(len(requests))],
         forward_rows=sum(p.forward_rows for p in parts), forward_tokens=sum(p.forward_tokens for p in parts),
     )
-
-
-def _layers_below(hparams, z_layer: int, edit_module: Optional[str]) -> List[str]:
-    """The decoder layers no delta changes: up to ``z_layer`` when the delta goes on that layer's output, up to
-    the one before when it goes inside the layer (``edit_module``, ROME's MLP)."""
-    inside = edit_module is not None and edit_module != hparams.layer_module(z_layer)
-    return [hparams.layer_module(i) for i in range(z_layer if inside else z_layer + 1)]
-
-
-def _layers_each_step(hparams, z_layer: int, edit_module: Optional[str]) -> List[str]:
-    """The decoder layers every optimisation step runs: those above the cached ones, up to the loss layer."""
-    below = _layers_below(hparams, z_layer, edit_module)
-    first = len(below) if hparams.z_below_cache and below else 0
-    return [hparams.layer_module(i) for i in range(first, hparams.v_loss_layer + 1)]
 
 
 def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_delta: bool = False,
@@ -301,7 +284,10 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
     if prefix_cache:
         batch = _with_prefix_cache(model, tok, batch)
-    layers_below = _layers_below(hparams, z_layer, edit_module)
+    # Nothing up to the edited module depends on the delta: the decoder layers up to z_layer when the
+    # delta goes on that layer's output, up to the one before when it goes inside the layer.
+    top_unchanged = z_layer if edit_module == hparams.layer_module(z_layer) else z_layer - 1
+    layers_below = [hparams.layer_module(i) for i in range(top_unchanged + 1)]
     if hparams.z_below_cache and layers_below:
         batch = _with_output_below(model, batch, layers_below[-1])
     n = len(requests)
@@ -333,59 +319,66 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
         logits = unembed(ln_f(selected).to(head_device))
         return torch.log_softmax(logits.float(), dim=-1)
 
-    for step in range(hparams.v_num_grad_steps):
-        with ExitStack() as stack:
-            if batch.below is not None:
-                stack.enter_context(skip_modules(model, layers_below, lambda: batch.below))
-            stack.enter_context(Trace(model, edit_module, retain_output=False, edit_output=add_delta))
-            loss_trace = stack.enter_context(
-                Trace(model, loss_module_name, retain_output=True, detach=False, stop=True)
+    # The layers every step runs (above the cached ones), as compiled code with z_compile.
+    first_run = len(layers_below) if batch.below is not None else 0
+    layers_run = [hparams.layer_module(i) for i in range(first_run, hparams.v_loss_layer + 1)]
+    with ExitStack() as compiled:
+        if hparams.z_compile:
+            compiled.enter_context(compiled_modules(model, layers_run))
+        for step in range(hparams.v_num_grad_steps):
+            with ExitStack() as stack:
+                if batch.below is not None:
+                    stack.enter_context(skip_modules(model, layers_below, lambda: batch.below))
+                stack.enter_context(Trace(model, edit_module, retain_output=False, edit_output=add_delta))
+                loss_trace = stack.enter_context(
+                    Trace(model, loss_module_name, retain_output=True, detach=False, stop=True)
+                )
+                model(**_forward_kwargs(model, batch))
+            forward_rows += len(batch.input_ids)
+            forward_tokens += int(batch.attention_mask[:, batch.prefix_width:].sum())
+            hidden = loss_trace.output
+            token_log_probs = log_probs_at(hidden, batch.token_rows, batch.token_positions)
+            token_nll = -token_log_probs.gather(1, batch.token_ids.to(head_device)[:, None])[:, 0]
+            nll = torch.zeros(n, device=head_device).index_add(
+                0, batch.token_request.to(head_device), token_nll * batch.token_weights.to(head_device)
             )
-            model(**_forward_kwargs(model, batch))
-        forward_rows += len(batch.input_ids)
-        forward_tokens += int(batch.attention_mask[:, batch.prefix_width:].sum())
-        hidden = loss_trace.output
-        token_log_probs = log_probs_at(hidden, batch.token_rows, batch.token_positions)
-        token_nll = -token_log_probs.gather(1, batch.token_ids.to(head_device)[:, None])[:, 0]
-        nll = torch.zeros(n, device=head_device).index_add(
-            0, batch.token_request.to(head_device), token_nll * batch.token_weights.to(head_device)
-        )
-        kl_log_probs = log_probs_at(hidden, batch.kl_rows, batch.kl_positions)
-        if initial_kl is None:
-            initial_kl = kl_log_probs.detach()
-        reference = initial_kl[batch.kl_request.to(head_device)]
-        kl = torch.zeros(n, device=head_device).index_add(
-            0, batch.kl_request.to(head_device), kl_to_unedited(kl_log_probs, reference)
-        )
-        init_norm = initial.to(delta_device).norm(dim=1)
-        weight_decay = hparams.v_weight_decay * (delta[delta_of].norm(dim=1) / init_norm**2)
-        loss = nll.to(delta_device) + hparams.kl_factor * kl.to(delta_device) + weight_decay
-        with torch.no_grad():
-            last_loss[active.cpu()] = loss.detach().float().cpu()[active.cpu()]
-            active &= loss >= hparams.v_stop_loss
-            if hparams.v_stop_most_probable_steps is not None:
-                steps_on_top += active & _target_most_probable(token_log_probs, batch, n).to(delta_device)
-                active &= steps_on_top < hparams.v_stop_most_probable_steps
-        LOG.debug("step %d: loss %s, %d of %d requests still optimising", step,
-                  [round(x, 3) for x in loss.detach().tolist()], int(active.sum()), n)
-        if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:
-            break
-        optimizer.zero_grad()
-        total = (loss * active).sum()
-        (total / active.sum() if shared_delta else total).backward()
-        before = delta.detach().clone()
-        optimizer.step()
-        with torch.no_grad():
-            if not shared_delta:
-                delta[~active] = before[~active]
-            max_norm = hparams.clamp_norm_factor * torch.full((len(delta),), float("inf"), device=delta_device).scatter_reduce(
-                0, delta_of, init_norm, reduce="amin")
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-        steps[active.cpu()] += 1
-        if int(active.sum()) < len(batch.kl_request):
-            batch = batch.select(active)
+            kl_log_probs = log_probs_at(hidden, batch.kl_rows, batch.kl_positions)
+            if initial_kl is None:
+                initial_kl = kl_log_probs.detach()
+            reference = initial_kl[batch.kl_request.to(head_device)]
+            kl = torch.zeros(n, device=head_device).index_add(
+                0, batch.kl_request.to(head_device), kl_to_unedited(kl_log_probs, reference)
+            )
+            init_norm = initial.to(delta_device).norm(dim=1)
+            weight_decay = hparams.v_weight_decay * (delta[delta_of].norm(dim=1) / init_norm**2)
+            loss = nll.to(delta_device) + hparams.kl_factor * kl.to(delta_device) + weight_decay
+            with torch.no_grad():
+                last_loss[active.cpu()] = loss.detach().float().cpu()[active.cpu()]
+                active &= loss >= hparams.v_stop_loss
+                if hparams.v_stop_most_probable_steps is not None:
+                    steps_on_top += active & _target_most_probable(token_log_probs, batch, n).to(delta_device)
+                    active &= steps_on_top < hparams.v_stop_most_probable_steps
+            LOG.debug("step %d: loss %s, %d of %d requests still optimising", step,
+                      [round(x, 3) for x in loss.detach().tolist()], int(active.sum()), n)
+            if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:
+                break
+            optimizer.zero_grad()
+            total = (loss * active).sum()
+            (total / active.sum() if shared_delta else total).backward()
+            before = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                if not shared_delta:
+                    delta[~active] = before[~active]
+                smallest_init_norm = torch.full((len(delta),), float("inf"), device=delta_device).scatter_reduce(
+                    0, delta_of, init_norm, reduce="amin")
+                max_norm = hparams.clamp_norm_factor * smallest_init_norm
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            steps[active.cpu()] += 1
+            if int(active.sum()) < len(batch.kl_request):
+                batch = batch.select(active)
     LOG.debug("target values: %d requests, steps %s, losses %s", n, steps.tolist(), last_loss.tolist())
     targets = (initial.to(delta_device) + delta.detach()[delta_of]).float()
     return TargetValues(targets=targets, initial=initial.to(delta_device), steps=steps.tolist(),
