@@ -4,9 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional, Tuple
 
+import torch
+
 from util.hparams import HyperParams, require
 
 FACT_TOKEN_CHOICES = ("subject_last", "subject_first", "last")
+
+
+def _is_device(name) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 @dataclass
@@ -53,6 +63,11 @@ class LocateEditHyperParams(HyperParams):
     # torch.compile'd code (inductor, dynamic shapes). On the 2-core CPU a round of 100 ECE_WI edits on
     # smollm2-135m runs 9.5% faster once compiled; the first round pays the compilation (80-160 s there).
     z_compile: bool = False
+    # Speed only, same values: spread the target loops over these devices, e.g. ["cuda:0", "cuda:1"]; each
+    # holds a full copy of the model (refreshed every round) and runs its share of the loops in a thread of
+    # its own. With fewer loops than devices, each loop is split (per-request deltas only). null: the
+    # model's device.
+    z_devices: Optional[List[str]] = None
     # ``COMPATIBILITY_KEYS``: accepted for compatibility with MEMIT's files and ignored with a warning (the
     # output-embedding module is found from the model; every layer in ``layers`` is edited).
     # ``mlp_module_tmp``: ROME's target value sits at this module's output; the other methods do not read it.
@@ -74,6 +89,10 @@ class LocateEditHyperParams(HyperParams):
         require(self.v_loss_layer >= max(self.layers), source, "v_loss_layer", "must be >= the last edited layer")
         require(self.v_stop_most_probable_steps is None or self.v_stop_most_probable_steps >= 1, source,
                 "v_stop_most_probable_steps", "must be >= 1, or null to stop on v_stop_loss alone")
+        require(self.z_devices is None or (isinstance(self.z_devices, list) and all(_is_device(d) for d in self.z_devices)),
+                source, "z_devices", 'must be a list of device names such as ["cuda:0", "cuda:1"], or null')
+        require(not (self.z_compile and self.z_devices and len(self.z_devices) > 1), source, "z_devices",
+                "cannot be combined with z_compile yet (compiled code is not shared between threads); set one of them")
         require(self.clamp_norm_factor > 0, source, "clamp_norm_factor", "must be > 0")
         require(self.mom2_n_samples >= 1, source, "mom2_n_samples", "must be >= 1")
         require(self.mom2_keys_per_dimension is None or self.mom2_keys_per_dimension > 0, source,

@@ -36,13 +36,14 @@ its norm is clamped against the smallest ``||h_j||`` of the loop.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from editing.keys import expand_templates, fact_token_index
+from editing.replicas import assign_loops, loop_devices, replicas_for, split_for_devices
 from util.hooks import Trace, compiled_modules, get_module, skip_modules
 from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids, target_ids
@@ -259,8 +260,16 @@ def compute_target_values(
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
-    parts = [_optimise(model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta, prefix_cache,
-                       edit_module) for loop in loops]
+    devices = loop_devices(model, hparams.z_devices or [])
+    if len(devices) > 1:
+        loops = split_for_devices(loops, len(devices), splittable=not shared_delta)
+        order = [i for loop in loops for i in loop]
+    run_loop = lambda on_model, loop: _optimise(on_model, tok, [requests[i] for i in loop], hparams, templates,
+                                                z_layer, shared_delta, prefix_cache, edit_module)
+    if len(devices) > 1:
+        parts = _on_devices(model, devices, loops, run_loop)
+    else:
+        parts = [run_loop(model, loop) for loop in loops]
     position = torch.argsort(torch.tensor(order))  # back to request order
     loop_index = {i: k for k, loop in enumerate(loops) for i in loop}
     stacked = lambda name: torch.cat([getattr(p, name) for p in parts])[position.to(parts[0].targets.device)]
@@ -384,3 +393,26 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     return TargetValues(targets=targets, initial=initial.to(delta_device), steps=steps.tolist(),
                         losses=last_loss.tolist(), loops=1, loop_of=[0] * n, forward_rows=forward_rows,
                         forward_tokens=forward_tokens)
+
+
+def _on_devices(model, devices, loops, run_loop) -> List[TargetValues]:
+    """Run ``loops`` spread over ``devices`` (one thread and one model copy each); results in loop order,
+    on the model's device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = replicas_for(model, devices)
+    shares = assign_loops(loops, len(devices))
+    home = model_device(model)
+
+    def run_share(d: int) -> List[Tuple[int, TargetValues]]:
+        with torch.cuda.device(devices[d]) if devices[d].type == "cuda" else nullcontext():
+            return [(k, run_loop(models[d], loops[k])) for k in shares[d]]
+
+    LOG.info("target loops on %s: %s loops each", [str(d) for d in devices], [len(share) for share in shares])
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        done = dict(pair for share in pool.map(run_share, range(len(devices))) for pair in share)
+    parts = []
+    for k in range(len(loops)):
+        part = done[k]
+        parts.append(replace(part, targets=part.targets.to(home), initial=part.initial.to(home)))
+    return parts
