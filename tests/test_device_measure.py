@@ -244,3 +244,51 @@ def test_script_runs_every_step_at_tiny_scale_on_the_cpu(tmp_path, data_dir):
         if row["random_weights"]:  # 3 steps measured, scaled to the published 20 / 25
             published = 20 if row["model"] == "random:gpt2-xl" else 25
             assert row["target_seconds_at_published_steps"] == pytest.approx(row["target_seconds"] * (published - 1) / 2)
+
+
+INPUTS_SCRIPT = REPO_ROOT / "scripts" / "device_inputs.sh"
+
+
+@pytest.mark.slow
+def test_device_inputs_travel_in_two_halves_and_unpack_to_the_same_model(tmp_path, data_dir, embedded_model_and_tok):
+    """scripts/device_inputs.sh: the embedded model's GGUF in two halves that each fit a device call with the data,
+    joined and checked on the 'device' (fresh model and data folders) into a model that computes what the
+    embedded one does; a missing or damaged half is refused with what to do."""
+    inbox = tmp_path / "in"
+    env = dict(os.environ, DEVICE_IN=str(inbox), DATA_SOURCE=str(data_dir), DATA_FILES="wikitext glue",
+               PYTHON=sys.executable)
+    run = lambda *args, **extra: subprocess.run(["bash", str(INPUTS_SCRIPT), *args], env=dict(env, **extra),
+                                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    refused = run("pack", DATA_FILES="wikitext heldout")
+    assert refused.returncode == 2 and "held-out data is never carried" in refused.stderr
+    packed = run("pack")
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    halves = [inbox / "1" / "gguf.part", inbox / "2" / "gguf.part"]
+    folder_bytes = [sum(f.stat().st_size for f in (inbox / part).rglob("*") if f.is_file()) for part in "12"]
+    assert all(size < 60 * 2**20 for size in folder_bytes)  # with the 2 MiB repository, under a call's 64 MiB
+    assert sum(h.stat().st_size for h in halves) > 64 * 2**20  # the whole would not fit one call
+    assert len(list((inbox / "1").glob("gguf-*.whl"))) == 1
+
+    device = dict(ECE_MODELS_DIR=str(tmp_path / "device_models"), ECE_DATA_DIR=str(tmp_path / "device_data"))
+    second = inbox / "2"
+    second.rename(tmp_path / "later")
+    cold = run("unpack", **device)
+    assert cold.returncode == 2 and "make both calls again" in cold.stderr
+    (tmp_path / "later").rename(second)
+    good = halves[1].read_bytes()
+    halves[1].write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    damaged = run("unpack", **device)
+    assert damaged.returncode == 2 and "does not match its checksum" in damaged.stderr
+    halves[1].write_bytes(good)
+    unpacked = run("unpack", **device)
+    assert unpacked.returncode == 0, unpacked.stderr[-2000:]
+    assert (tmp_path / "device_data" / "wikitext" / "wiki.test.raw").read_bytes() == \
+        (data_dir / "wikitext" / "wiki.test.raw").read_bytes()
+
+    from transformers import AutoModelForCausalLM
+
+    model, tok = embedded_model_and_tok
+    copy_ = AutoModelForCausalLM.from_pretrained(tmp_path / "device_models" / "smollm2-135m", dtype=torch.float32)
+    ids = tok("The Eiffel Tower is located in", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(copy_(**ids).logits, model(**ids).logits, atol=1e-4)

