@@ -85,7 +85,7 @@ def replicas_for(model: torch.nn.Module, devices: Sequence[torch.device]) -> Lis
         replica = replicas.get(key)
         if replica is None:
             LOG.info("copying the model to %s for its share of the target loops", device)
-            replica = copy.deepcopy(model).to(device)
+            replica = _copy_to(model, device)
             replicas[key] = replica
         else:
             mine = replica.state_dict()
@@ -93,3 +93,15 @@ def replicas_for(model: torch.nn.Module, devices: Sequence[torch.device]) -> Lis
                 mine[name].copy_(tensor)
         models.append(replica)
     return models
+
+
+def _copy_to(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A deep copy of ``model`` whose weights and buffers are made directly on ``device`` (never a second full
+    copy on the model's own device); tied weights stay tied."""
+    memo = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = torch.nn.Parameter(parameter.detach().to(device, copy=True),
+                                                 requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach().to(device, copy=True)
+    return copy.deepcopy(model, memo)

@@ -82,6 +82,7 @@ def test_copies_follow_the_model_after_it_is_edited(tiny_llama, tiny_tok, four_r
     (copy_,) = [m for m in replicas_for(twin, [torch.device("cpu"), torch.device("cpu")]) if m is not twin]
     for name, tensor in twin.state_dict().items():
         assert torch.equal(copy_.state_dict()[name], tensor), name  # refreshed, not the first round's copy
+    assert not {p.data_ptr() for p in copy_.parameters()} & {p.data_ptr() for p in twin.parameters()}  # own memory
     values_now = compute_target_values(twin, tiny_tok, four_requests, replace(hp, z_devices=TWO_CPUS),
                                        context_templates, z_layer=2).targets
     values_one = compute_target_values(twin, tiny_tok, four_requests, hp, context_templates, z_layer=2).targets
