@@ -15,6 +15,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from util.errors import SettingError
+
 LOG = logging.getLogger(__name__)
 
 # model -> {device string: replica}; replicas live as long as their model.
@@ -24,11 +26,14 @@ _REPLICAS: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.nn.Module
 def loop_devices(model: torch.nn.Module, names: Sequence[str]) -> List[torch.device]:
     """The devices of ``names`` (``z_devices``), checked against the model and the machine."""
     devices = [torch.device(name) for name in names]
+    # "cuda" is the current GPU, the same device as "cuda:<its index>"
+    devices = [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None
+               and torch.cuda.is_available() else d for d in devices]
     if len(devices) < 2:
         return devices
     weight_devices = {p.device for p in model.parameters()}
     if len(weight_devices) > 1:
-        raise ValueError(
+        raise SettingError(
             f"z_devices needs the model on one device to replicate it, but its weights are on "
             f"{sorted(map(str, weight_devices))} (device_map sharding); remove z_devices from the hparams"
         )
@@ -36,7 +41,7 @@ def loop_devices(model: torch.nn.Module, names: Sequence[str]) -> List[torch.dev
         if device.type == "cuda":
             index = device.index if device.index is not None else 0
             if index >= torch.cuda.device_count():
-                raise ValueError(
+                raise SettingError(
                     f"z_devices lists '{device}' but this machine has {torch.cuda.device_count()} CUDA "
                     "device(s); list devices that exist, or remove z_devices to use the model's device"
                 )
