@@ -28,6 +28,7 @@ keys and values are computed once, before the loop, and every step runs only the
 ``z_layer`` depends on a delta (it is added to that layer's output), so by default (``z_below_cache``)
 the output of layer ``z_layer`` is computed once per loop and every step runs only the layers above it.
 ``z_compile`` runs those layers as ``torch.compile``'d code (equal values up to float rounding).
+``z_devices`` runs the loops on several devices at once, one model copy each (``editing/replicas.py``).
 
 ``shared_delta=True`` (ECE's ``z_mode: shared`` ablation) gives every loop one delta for all its
 requests: it minimises their mean loss, a member leaves when its loss is below the stopping loss, and
