@@ -261,13 +261,12 @@ def compute_target_values(
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
+    run_loop = lambda on_model, loop: _optimise(on_model, tok, [requests[i] for i in loop], hparams, templates,
+                                                z_layer, shared_delta, prefix_cache, edit_module)
     devices = loop_devices(model, hparams.z_devices or [])
     if len(devices) > 1:
         loops = split_for_devices(loops, len(devices), splittable=not shared_delta)
         order = [i for loop in loops for i in loop]
-    run_loop = lambda on_model, loop: _optimise(on_model, tok, [requests[i] for i in loop], hparams, templates,
-                                                z_layer, shared_delta, prefix_cache, edit_module)
-    if len(devices) > 1:
         parts = _on_devices(model, devices, loops, run_loop)
     else:
         parts = [run_loop(model, loop) for loop in loops]

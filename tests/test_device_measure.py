@@ -261,6 +261,7 @@ def test_device_inputs_travel_in_two_halves_and_unpack_to_the_same_model(tmp_pat
                                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     refused = run("pack", DATA_FILES="wikitext heldout")
     assert refused.returncode == 2 and "held-out data is never carried" in refused.stderr
+    assert not inbox.exists()  # refused before anything was made
     packed = run("pack")
     assert packed.returncode == 0, packed.stderr[-2000:]
     halves = [inbox / "1" / "gguf.part", inbox / "2" / "gguf.part"]
