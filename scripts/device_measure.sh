@@ -21,7 +21,9 @@
 # ../shared/data; the tokenizer of the random models: models_cache/smollm2-135m/tokenizer.json and
 # tokenizer_config.json (3.5 MB; the weights beside them are needed by step 1 only) or RANDOM_TOKENIZER, a
 # folder with a tokenizer of at most 50257 tokens.
-# Settings (environment): SCALE paper|tiny; DEVICE (cuda); TOTAL_S (570); PAPER_STEPS, optimisation steps
+# Settings (environment): SCALE paper|tiny; STEPS, which of steps 1 and 2 to run ("bench paper", the default;
+# "paper" when the embedded weights are not on the machine yet, "bench" when the paper-scale runs are done);
+# DEVICE (cuda); TOTAL_S (570); PAPER_STEPS, optimisation steps
 # per fact at paper scale (10, fewer than the published 20 / 25 to fit the time: summary.txt scales the
 # target-value seconds to the published steps, about linear in them); PAPER_DTYPE (bfloat16); KEYS_PER_DIM
 # (10); EDITS (100); SMOL_DTYPE (auto: bfloat16 on the GPU); PYTHON (python3).
@@ -62,6 +64,11 @@ case "$SCALE" in
     CAP_CHECK=60; CAP_SMOL=120; CAP_GPT2_MEMIT=60; CAP_GPT2_ECE=60; CAP_LLAMA_MEMIT=60; CAP_LLAMA_ECE=60 ;;
   *) echo "SCALE must be paper or tiny, not '$SCALE'" >&2; exit 2 ;;
 esac
+STEPS=${STEPS:-"bench paper"}
+for name in $STEPS; do
+  case "$name" in bench|paper) ;; *) echo "STEPS holds bench and/or paper, not '$name'" >&2; exit 2 ;; esac
+done
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 if [ -n "${RANDOM_TOKENIZER:-}" ]; then  # appended as the random models' tokenizer= option
   tokenizer_dir=$(cd "$RANDOM_TOKENIZER" && pwd) || { echo "RANDOM_TOKENIZER: no folder $RANDOM_TOKENIZER" >&2; exit 2; }
   for var in GPT2_MODEL LLAMA_MODEL; do
@@ -112,7 +119,7 @@ step() {
   echo "$name: $verdict after $(( SECONDS - began ))s" | tee -a "$STATUS" "$LOG"
 }
 
-echo "settings: SCALE=$SCALE DEVICE=$DEVICE EDITS=$EDITS PAPER_STEPS=$PAPER_STEPS PAPER_DTYPE=$PAPER_DTYPE" \
+echo "settings: SCALE=$SCALE STEPS=$STEPS DEVICE=$DEVICE EDITS=$EDITS PAPER_STEPS=$PAPER_STEPS PAPER_DTYPE=$PAPER_DTYPE" \
      "SMOL_DTYPE=$SMOL_DTYPE KEYS_PER_DIM=$KEYS_PER_DIM TOTAL_S=$TOTAL_S ECE_DATA_DIR=${ECE_DATA_DIR:-unset}" \
      "models: $GPT2_MODEL $LLAMA_MODEL" | tee "$STATUS" | tee -a "$LOG"
 
@@ -128,7 +135,9 @@ SMOL_ALGS=""
 for alg in MEMIT:z_prefix_cache=false:z_below_cache=false MEMIT ECE_WI AlphaEdit; do
   SMOL_ALGS="${SMOL_ALGS:+$SMOL_ALGS,}$alg$SMOL_EXTRA"
 done
-if [ "$(cat "$EMBEDDED_FLAG")" = ready ]; then
+if ! wanted bench; then
+  :
+elif [ "$(cat "$EMBEDDED_FLAG")" = ready ]; then
   step "bench_smollm2-135m" "$CAP_SMOL" env ECE_STATS_DIR="$SMOL_STATS" \
     "$PYTHON" experiments/benchmark.py --model_name smollm2-135m --device "$DEVICE" --dtype "$SMOL_DTYPE" \
     --ds_name cf --num_edits "$EDITS" --rounds 1 --algs "$SMOL_ALGS" --out "$OUT/bench_smollm2-135m.json"
@@ -142,7 +151,11 @@ fi
 #    kept apart as the 'statistics' stage; ECE_WI then reads them from disk).
 SAME_STEPS="v_num_grad_steps=$PAPER_STEPS:v_stop_loss=0:v_stop_most_probable_steps=null"
 STATS="mom2_dataset=wikitext:mom2_keys_per_dimension=$KEYS_PER_DIM"
-for run in "gpt2-xl|$GPT2_MODEL|$CAP_GPT2_MEMIT|$CAP_GPT2_ECE" "llama3-8b|$LLAMA_MODEL|$CAP_LLAMA_MEMIT|$CAP_LLAMA_ECE"; do
+paper_runs=()
+if wanted paper; then
+  paper_runs=("gpt2-xl|$GPT2_MODEL|$CAP_GPT2_MEMIT|$CAP_GPT2_ECE" "llama3-8b|$LLAMA_MODEL|$CAP_LLAMA_MEMIT|$CAP_LLAMA_ECE")
+fi
+for run in "${paper_runs[@]}"; do
   IFS='|' read -r label model cap_memit cap_ece <<< "$run"
   for alg in MEMIT ECE_WI; do
     cap=$cap_memit; if [ "$alg" = ECE_WI ]; then cap=$cap_ece; fi

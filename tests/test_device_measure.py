@@ -207,6 +207,31 @@ def test_script_measures_paper_scale_with_only_the_tokenizer_files(tmp_path, dat
     assert_sendable(out)
 
 
+def test_script_refuses_an_unknown_step(tmp_path, data_dir):
+    result = run_script(tmp_path, data_dir, SCALE="tiny", STEPS="paper evaluate")
+    assert result.returncode == 2 and "STEPS holds bench and/or paper, not 'evaluate'" in result.stderr
+
+
+def test_script_runs_only_the_paper_steps_when_asked(tmp_path, data_dir):
+    """STEPS=paper, a device's first call (the embedded weights still on their way, the tokenizer in a folder of
+    its own): the paper-scale runs, no benchmark, and a success."""
+    from util.models import embedded_model_dir
+
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(embedded_model_dir("smollm2-135m")) / name, tokenizer / name)
+    result = run_script(tmp_path, data_dir, SCALE="tiny", DEVICE="cpu", TOTAL_S="90", STEPS="paper",
+                        RANDOM_TOKENIZER=str(tokenizer), ECE_MODELS_DIR=str(tmp_path / "no_models"))
+    out = tmp_path / "out"
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert list(step_verdicts(out)) == ["check"] + [f"paper_{m}_{a}" for m in ("gpt2-xl", "llama3-8b")
+                                                     for a in ("MEMIT", "ECE_WI")]
+    assert not (out / "bench_smollm2-135m.json").exists()
+    assert_paper_runs(out, expected_steps=2)
+    assert_sendable(out)
+
+
 @pytest.mark.slow  # step 1 loads the embedded model
 def test_script_cuts_a_step_at_the_deadline_and_skips_the_rest(tmp_path, data_dir):
     """TOTAL_S=30 leaves step 1 (30-40 s on a CPU) under 20 s: its timeout ends it, the paper-scale
@@ -255,11 +280,11 @@ def test_device_inputs_travel_in_two_halves_and_unpack_to_the_same_model(tmp_pat
     joined and checked on the 'device' (fresh model and data folders) into a model that computes what the
     embedded one does; a missing or damaged half is refused with what to do."""
     inbox = tmp_path / "in"
-    env = dict(os.environ, DEVICE_IN=str(inbox), DATA_SOURCE=str(data_dir), DATA_FILES="wikitext glue",
-               PYTHON=sys.executable)
+    env = dict(os.environ, DEVICE_IN=str(inbox), DATA_SOURCE=str(data_dir), DATA_FILES_1="wikitext",
+               DATA_FILES_2="glue", PYTHON=sys.executable)
     run = lambda *args, **extra: subprocess.run(["bash", str(INPUTS_SCRIPT), *args], env=dict(env, **extra),
                                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    refused = run("pack", DATA_FILES="wikitext heldout")
+    refused = run("pack", DATA_FILES_2="glue heldout")
     assert refused.returncode == 2 and "held-out data is never carried" in refused.stderr
     assert not inbox.exists()  # refused before anything was made
     packed = run("pack")
@@ -269,8 +294,12 @@ def test_device_inputs_travel_in_two_halves_and_unpack_to_the_same_model(tmp_pat
     assert all(size < 60 * 2**20 for size in folder_bytes)  # with the 2 MiB repository, under a call's 64 MiB
     assert sum(h.stat().st_size for h in halves) > 64 * 2**20  # the whole would not fit one call
     assert len(list((inbox / "1").glob("gguf-*.whl"))) == 1
+    assert sorted(p.name for p in (inbox / "1" / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
 
     device = dict(ECE_MODELS_DIR=str(tmp_path / "device_models"), ECE_DATA_DIR=str(tmp_path / "device_data"))
+    first = run("receive", "1", **device)  # the first call's data is there for the paper-scale runs
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "device_data").iterdir()) == ["wikitext"]
     second = inbox / "2"
     second.rename(tmp_path / "later")
     cold = run("unpack", **device)
@@ -285,6 +314,7 @@ def test_device_inputs_travel_in_two_halves_and_unpack_to_the_same_model(tmp_pat
     assert unpacked.returncode == 0, unpacked.stderr[-2000:]
     assert (tmp_path / "device_data" / "wikitext" / "wiki.test.raw").read_bytes() == \
         (data_dir / "wikitext" / "wiki.test.raw").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "device_data").iterdir()) == ["glue", "wikitext"]
 
     from transformers import AutoModelForCausalLM
 
