@@ -11,6 +11,7 @@
 #                                           #       .device_in/2 (second half, the data of the sequential runs)
 #   device run, carry [".device_in/1"]:        bash scripts/device_inputs.sh receive 1 && <paper-scale runs>
 #   device run at once, carry [".device_in/2"]: bash scripts/device_inputs.sh unpack && <the runs>
+# (scripts/device_session.sh makes these two calls, with the runs below, in one prepared command each.)
 #
 # `receive 1` keeps part 1 and puts its data in DATA_DIR (data/ unless ECE_DATA_DIR says otherwise), so the
 # first call can already measure the random-weight models, which need no embedded weights:

@@ -325,3 +325,52 @@ def test_device_inputs_travel_in_two_halves_and_unpack_to_the_same_model(tmp_pat
     ids = tok("The Eiffel Tower is located in", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(copy_(**ids).logits, model(**ids).logits, atol=1e-4)
+
+
+SESSION_SCRIPT = REPO_ROOT / "scripts" / "device_session.sh"
+
+
+def test_session_script_refuses_a_call_without_its_seconds():
+    result = subprocess.run(["bash", str(SESSION_SCRIPT), "2"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.mark.slow  # loads the embedded model and edits it
+def test_device_session_two_calls_on_a_fresh_machine(tmp_path, data_dir):
+    """scripts/device_session.sh on the CPU, tiny: call 1 measures the paper-scale runs with only part 1 of the
+    model; call 2, with part 1 gone from the repository as on a device, joins the model, benchmarks it and runs
+    a sequential run, whose folder comes back packed without its resumable state; each call's OUT is sendable."""
+    import tarfile
+
+    inbox = tmp_path / "in"
+    env = dict(os.environ, DEVICE_IN=str(inbox), DATA_SOURCE=str(data_dir), PYTHON=sys.executable,
+               STASH=str(tmp_path / "stash"), ECE_MODELS_DIR=str(tmp_path / "device_models"),
+               ECE_DATA_DIR=str(tmp_path / "device_data"), ECE_STATS_DIR=str(tmp_path / "stats"),
+               SCALE="tiny", DEVICE="cpu", OMP_NUM_THREADS="1")
+    packed = subprocess.run(["bash", str(INPUTS_SCRIPT), "pack"], env=env, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert packed.returncode == 0, packed.stderr[-2000:]
+
+    first = subprocess.run(["bash", str(SESSION_SCRIPT), "1", "150"], env=dict(env, OUT=str(tmp_path / "out1")),
+                           capture_output=True, text=True, timeout=200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    assert_paper_runs(tmp_path / "out1", expected_steps=2)
+    assert_sendable(tmp_path / "out1")
+
+    shutil.rmtree(inbox / "1")
+    second_env = dict(env, OUT=str(tmp_path / "out2"), RESULTS=str(tmp_path / "results"), BENCH_METHODS="ECE_WI",
+                      METHODS="ECE_WI", EDITS="2", ROUND="1", DOWNSTREAM_STEPS="0", OVERRIDES="mom2_n_samples=20")
+    second = subprocess.run(["bash", str(SESSION_SCRIPT), "2", "280"], env=second_env, capture_output=True,
+                            text=True, timeout=330)
+    out = tmp_path / "out2"
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+    assert step_verdicts(out)["bench_smollm2-135m"].startswith("ok")
+    assert [r["alg"] for r in json.loads((out / "bench_smollm2-135m.json").read_text())["rows"]] == \
+        ["ECE_WI:v_num_grad_steps=2:mom2_n_samples=20"]
+    with tarfile.open(out / "sequential_runs.tgz") as packed_runs:
+        names = packed_runs.getnames()
+    run_files = [n for n in names if n.startswith("results/ECE_WI/run_000/")]
+    assert sum("_edits-case_" in n for n in run_files) == 2
+    assert "results/ECE_WI/run_000/params.json" in run_files
+    assert not any(n.endswith("sequential_state.pt") for n in names)
+    assert_sendable(out)
