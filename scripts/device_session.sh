@@ -9,7 +9,8 @@
 # (STEPS=bench, at most BENCH_S seconds) and then the sequential runs (sequential_runs.sh) in the time left,
 # and packs their run folders, without the resumable state, into $OUT/sequential_runs.tgz. Each call ends
 # within SECONDS and leaves its results in OUT ($OUT on a device machine): at most 8 files, as a device sends
-# back. The device's 15 minutes held three calls and a 30 s machine start on 2026-12-04 (docs/RESULTS.md).
+# back. The device's 15 minutes held three calls and a 30 s machine start on 2026-12-04 (docs/RESULTS.md); for
+# 15 minutes: `1 300` (timeout_s 330), then `2 440` (timeout_s 470), and give the machine back.
 #
 #   SCALE=tiny DEVICE=cpu EDITS=4 ROUND=2 bash scripts/device_session.sh 2 300   # the same on a CPU, tiny
 #
