@@ -140,20 +140,20 @@ if (( FAILED )); then
 fi
 
 # 1. The 100-edit benchmark on the embedded model.
-SMOL_ALGS=""
-for alg in $BENCH_METHODS; do
-  SMOL_ALGS="${SMOL_ALGS:+$SMOL_ALGS,}$alg$SMOL_EXTRA"
-done
-if ! wanted bench; then
-  :
-elif [ "$(cat "$EMBEDDED_FLAG")" = ready ]; then
-  step "bench_smollm2-135m" "$CAP_SMOL" env ECE_STATS_DIR="$SMOL_STATS" \
-    "$PYTHON" experiments/benchmark.py --model_name smollm2-135m --device "$DEVICE" --dtype "$SMOL_DTYPE" \
-    --ds_name cf --num_edits "$EDITS" --rounds 1 --algs "$SMOL_ALGS" --out "$OUT/bench_smollm2-135m.json"
-else
-  echo "bench_smollm2-135m: skipped, the embedded model's weights are not here ($(cat "$EMBEDDED_FLAG"))" \
-    | tee -a "$STATUS" "$LOG"
-  FAILED=1
+if wanted bench; then
+  SMOL_ALGS=""
+  for alg in $BENCH_METHODS; do
+    SMOL_ALGS="${SMOL_ALGS:+$SMOL_ALGS,}$alg$SMOL_EXTRA"
+  done
+  if [ "$(cat "$EMBEDDED_FLAG")" = ready ]; then
+    step "bench_smollm2-135m" "$CAP_SMOL" env ECE_STATS_DIR="$SMOL_STATS" \
+      "$PYTHON" experiments/benchmark.py --model_name smollm2-135m --device "$DEVICE" --dtype "$SMOL_DTYPE" \
+      --ds_name cf --num_edits "$EDITS" --rounds 1 --algs "$SMOL_ALGS" --out "$OUT/bench_smollm2-135m.json"
+  else
+    echo "bench_smollm2-135m: skipped, the embedded model's weights are not here ($(cat "$EMBEDDED_FLAG"))" \
+      | tee -a "$STATUS" "$LOG"
+    FAILED=1
+  fi
 fi
 
 # 2. Paper scale without weights: one process per model and method, MEMIT first (it computes the statistics,

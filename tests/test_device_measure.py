@@ -137,6 +137,16 @@ def run_script(tmp_path, data_dir, **env):
     return subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True, timeout=300)
 
 
+def copy_embedded_tokenizer(folder: Path) -> Path:
+    """The embedded model's tokenizer files, without its weights, in ``folder`` (what a device's first call has)."""
+    from util.models import embedded_model_dir
+
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(embedded_model_dir("smollm2-135m")) / name, folder / name)
+    return folder
+
+
 def step_verdicts(out) -> dict:
     """``{step: verdict}`` from status.txt (its first line holds the settings)."""
     lines = (out / "status.txt").read_text().splitlines()
@@ -192,12 +202,8 @@ def test_script_fails_when_the_device_is_missing(tmp_path, data_dir):
 def test_script_measures_paper_scale_with_only_the_tokenizer_files(tmp_path, data_dir):
     """A device machine receives at most 64 MiB: the embedded tokenizer's files, not its weights. Step 1 is
     skipped (and the script fails), the random models are measured all the same."""
-    from util.models import embedded_model_dir
-
     models = tmp_path / "models"
-    (models / "smollm2-135m").mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(embedded_model_dir("smollm2-135m")) / name, models / "smollm2-135m" / name)
+    copy_embedded_tokenizer(models / "smollm2-135m")
     result = run_script(tmp_path, data_dir, SCALE="tiny", DEVICE="cpu", TOTAL_S="90", ECE_MODELS_DIR=str(models))
     out = tmp_path / "out"
     verdicts = step_verdicts(out)
@@ -216,12 +222,7 @@ def test_script_refuses_an_unknown_step(tmp_path, data_dir):
 def test_script_runs_only_the_paper_steps_when_asked(tmp_path, data_dir):
     """STEPS=paper, a device's first call (the embedded weights still on their way, the tokenizer in a folder of
     its own): the paper-scale runs, no benchmark, and a success."""
-    from util.models import embedded_model_dir
-
-    tokenizer = tmp_path / "tokenizer"
-    tokenizer.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(embedded_model_dir("smollm2-135m")) / name, tokenizer / name)
+    tokenizer = copy_embedded_tokenizer(tmp_path / "tokenizer")
     result = run_script(tmp_path, data_dir, SCALE="tiny", DEVICE="cpu", TOTAL_S="90", STEPS="paper",
                         RANDOM_TOKENIZER=str(tokenizer), ECE_MODELS_DIR=str(tmp_path / "no_models"))
     out = tmp_path / "out"
