@@ -208,6 +208,7 @@ def _read_case(path: Path) -> tuple[dict, str, dict[str, dict]]:
                 m["_consistency_key"] = "reference_score" in stage
                 m["_generation_protocol"] = generation_protocol_of(stage, stage_name)
                 m["_consistency_source"] = stage.get("consistency_source")
+                m["_generation_prompts_source"] = stage.get("generation_prompts_source")
             else:
                 m = zsre_case_metrics(stage, stage_name)
             m["_free_generation"] = stage.get("free_generation")

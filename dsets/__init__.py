@@ -1,5 +1,6 @@
 """Datasets in MEMIT's formats and the lookup of their files (see docs/DESIGN.md section 6)."""
 from dsets.attr_snippets import (
+    EASYEDIT_SUBSTITUTE_SOURCE,
     PUBLISHED_SOURCE,
     SUBSTITUTE_SOURCE,
     AttributeSnippets,
@@ -7,6 +8,7 @@ from dsets.attr_snippets import (
     consistency_resources,
     consistency_unavailable_reason,
     counterfact_reference_entries,
+    easyedit_consistency_resources,
     load_attribute_snippets,
     substitute_consistency_resources,
 )
@@ -19,7 +21,12 @@ from dsets.data_files import (
     find_data_file,
     locate_data_file,
 )
-from dsets.easyedit import CF_EASYEDIT_DATASETS, EasyEditCounterFactDataset, convert_easyedit_counterfact_record
+from dsets.easyedit import (
+    CF_EASYEDIT_DATASETS,
+    EasyEditCounterFactDataset,
+    convert_easyedit_counterfact_record,
+    easyedit_reference_entries,
+)
 from dsets.knowns import KnownsDataset
 from dsets.skipped import SkippedRecords, UnusableRecord
 from dsets.tfidf_stats import (
@@ -32,6 +39,7 @@ from dsets.tfidf_stats import (
 from dsets.zsre import MENDQADataset, convert_zsre_record
 
 __all__ = [
+    "EASYEDIT_SUBSTITUTE_SOURCE",
     "PUBLISHED_SOURCE",
     "SUBSTITUTE_SOURCE",
     "AttributeSnippets",
@@ -50,6 +58,8 @@ __all__ = [
     "UnusableRecord",
     "cached_tfidf_vectors",
     "consistency_resources",
+    "easyedit_consistency_resources",
+    "easyedit_reference_entries",
     "consistency_unavailable_reason",
     "convert_easyedit_counterfact_record",
     "convert_zsre_record",

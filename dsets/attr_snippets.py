@@ -32,6 +32,10 @@ CONSISTENCY_FILES = (SNIPPETS_FILE, IDF_FILE, VOCAB_FILE)
 
 PUBLISHED_SOURCE = "published: ROME attribute snippets + tf-idf statistics"
 SUBSTITUTE_SOURCE = "tf-idf substitute: WikiText+CounterFact"
+EASYEDIT_SUBSTITUTE_SOURCE = ("tf-idf substitute: WikiText+CounterFact statistics; references: EasyEdit CounterFact "
+                              "sentences stating the same object (any relation)")
+# The relation of references keyed by object only: EasyEdit's CounterFact has neither relation nor object ids.
+ANY_RELATION = "*"
 SUBSTITUTE_CACHE_DIR = "tfidf_substitute"
 # Changing how the substitute corpus is built must change this, so that cached statistics are refitted.
 SUBSTITUTE_RECIPE = "1: WikiText paragraphs + unique CounterFact sentences; sklearn-default tf-idf"
@@ -65,6 +69,15 @@ class AttributeSnippets:
 
     def texts(self, relation_id: str, target_id: str) -> List[str]:
         return [sample["text"] for sample in self._data.get(relation_id, {}).get(target_id, [])]
+
+
+def snippet_key(rewrite: dict) -> Tuple[str, str]:
+    """Where the references of a rewrite's ``target_new`` are filed: ``(relation_id, target id)`` for MEMIT's
+    records, ``(ANY_RELATION, the target string)`` for records without ids (EasyEdit's CounterFact)."""
+    target = rewrite["target_new"]
+    if rewrite.get("relation_id") is not None and target.get("id") is not None:
+        return rewrite["relation_id"], target["id"]
+    return ANY_RELATION, target["str"]
 
 
 def load_attribute_snippets(data_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[AttributeSnippets]:
@@ -183,6 +196,28 @@ def substitute_consistency_resources(
     folder = Path(stats_dir if stats_dir is not None else get_paths().stats_dir) / SUBSTITUTE_CACHE_DIR
     vectors = cached_tfidf_vectors(folder, fingerprint, documents)
     return ConsistencyResources(AttributeSnippets.from_entries(entries), vectors, SUBSTITUTE_SOURCE)
+
+
+def easyedit_consistency_resources(
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    stats_dir: Optional[Union[str, os.PathLike]] = None,
+) -> ConsistencyResources:
+    """The consistency substitute for EasyEdit's CounterFact (no relation ids, no snippets): the references
+    of ``target_new`` are the sentences of every usable record of both EasyEdit files whose true object is
+    that string (``easyedit_reference_entries``), scored with the WikiText+CounterFact tf-idf statistics of
+    ``substitute_consistency_resources``."""
+    from dsets.easyedit import EasyEditCounterFactDataset, easyedit_reference_entries
+
+    statistics = substitute_consistency_resources(data_dir, stats_dir)
+    if statistics.vectors is None:
+        return statistics
+    try:
+        records = EasyEditCounterFactDataset(data_dir, "cf_easyedit")
+    except FileNotFoundError as e:
+        return ConsistencyResources(None, None, None, f"the EasyEdit CounterFact files are needed for the "
+                                                      f"references: {e}")
+    snippets = AttributeSnippets.from_entries(easyedit_reference_entries(records))
+    return ConsistencyResources(snippets, statistics.vectors, EASYEDIT_SUBSTITUTE_SOURCE)
 
 
 def consistency_resources(

@@ -9,12 +9,19 @@ target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_trut
                            "subject": subject,
                            "target_new": {"str": target_new}, "target_true": {"str": ground_truth}},
      "paraphrase_prompts": [rephrase_prompt],
-     "neighborhood_prompts": [locality_prompt]}
+     "neighborhood_prompts": [locality_prompt],
+     "generation_prompts": [prompt, rephrase_prompt],
+     "generation_prompts_source": GENERATION_PROMPTS_SOURCE}
 
 The neighbourhood prompt is scored against ``target_true`` as MEMIT scores its neighbourhood prompts, which
-is only right when ``locality_ground_truth == ground_truth``; a record where they differ is skipped. The
-format has no relation_id, target ids, attribute or generation prompts, so runs on it have no fluency or
-consistency numbers (the driver says so once).
+is only right when ``locality_ground_truth == ground_truth``; a record where they differ is skipped.
+
+The format has no relation_id, target ids, attribute or generation prompts. The fluency and consistency
+texts are therefore generated from the rewrite and paraphrase prompts (MEMIT's generation prompts are
+prompts of the same kind about the subject; the label goes into every case's metrics), and consistency
+compares them with the sentences of records whose true object is ``target_new``
+(``easyedit_reference_entries``, ``dsets.attr_snippets.easyedit_consistency_resources``). Neither number is
+comparable with published CounterFact tables.
 
 Dataset names (``--ds_name``): ``cf_easyedit`` is the train file followed by the val file, each in file order
 (both sorted by case_id; the two sets of case ids are disjoint), so its first N records are the train file's
@@ -48,6 +55,8 @@ CF_EASYEDIT_DATASETS: Dict[str, Tuple[str, ...]] = {
     "cf_easyedit_train": ("train",),
     "cf_easyedit_val": ("val",),
 }
+GENERATION_PROMPTS_SOURCE = ("substitute: the rewrite and paraphrase prompts (EasyEdit's CounterFact has no "
+                             "generation prompts)")
 TEXT_FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
                "locality_ground_truth")
 
@@ -95,7 +104,30 @@ def convert_easyedit_counterfact_record(raw) -> dict:
         },
         "paraphrase_prompts": [raw["rephrase_prompt"]],
         "neighborhood_prompts": [raw["locality_prompt"]],
+        "generation_prompts": [prompt, raw["rephrase_prompt"]],
+        "generation_prompts_source": GENERATION_PROMPTS_SOURCE,
     }
+
+
+def easyedit_reference_entries(records: Sequence[dict]) -> List[dict]:
+    """Snippet entries (``dsets.attr_snippets``' format) of true sentences, filed under
+    ``(ANY_RELATION, object string)``: each record's rewrite prompt and neighbourhood prompt completed with
+    ``target_true`` (the loader checked that the neighbourhood's truth is the same). They stand in for ROME's
+    Wikipedia snippets about subjects that have an object, across relations since the format has none;
+    duplicates are dropped, the first kept."""
+    from dsets.attr_snippets import ANY_RELATION
+
+    samples: Dict[str, Dict[str, dict]] = {}
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        true = rewrite["target_true"]["str"]
+        sentences = [(rewrite["subject"], rewrite["prompt"].format(rewrite["subject"]))]
+        sentences += [("", prompt) for prompt in record.get("neighborhood_prompts", [])]
+        for name, prompt in sentences:
+            text = f"{prompt} {true}"
+            samples.setdefault(true, {}).setdefault(text, {"name": name, "text": text})
+    return [{"relation_id": ANY_RELATION, "target_id": target, "samples": list(by_text.values())}
+            for target, by_text in samples.items()]
 
 
 def easyedit_file(split: str, data_dir: Optional[Union[str, os.PathLike]] = None) -> Path:

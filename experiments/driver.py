@@ -196,37 +196,53 @@ class Evaluator:
     case id; or "greedy") and the consistency source (published files or the labelled substitute) are
     recorded in every case's generation metrics. ``free_generation``: the free-generation metric of every
     case (experiments/free_generation.py), cheap next to the generation tests but about 3x the teacher-forced
-    scoring alone.
+    scoring alone. ``generation_stages``: the stages (``STAGE_LABELS``) whose evaluation has the generation
+    tests; AlphaEdit's sequential protocol has them only after the last edit.
     """
 
     def __init__(self, ds_name: str, data_dir, skip_generation: bool, interval: int, batch_size: int,
-                 generation_protocol: str = "published", seed: int = 0, free_generation: bool = True):
-        from dsets import ConsistencyResources
+                 generation_protocol: str = "published", seed: int = 0, free_generation: bool = True,
+                 generation_stages: Sequence[str] = tuple(STAGE_LABELS)):
+        from dsets import CF_EASYEDIT_DATASETS, ConsistencyResources
         from experiments.eval_counterfact import GenerationProtocol
         from experiments.free_generation import FreeGeneration
 
         self.ds_name, self.skip_generation, self.interval, self.batch_size = ds_name, skip_generation, interval, batch_size
+        self.generation_stages = tuple(generation_stages)
         self.free_generation = FreeGeneration() if free_generation else None
         self.generation = GenerationProtocol(generation_protocol, seed=seed)
         self.consistency = ConsistencyResources(None, None, None)
         self._told_no_generation_prompts = False
-        if ds_name in ("mcf", "cf") and not skip_generation:
-            from dsets import consistency_resources
+        if not skip_generation and self.generation_stages:
+            from dsets import consistency_resources, easyedit_consistency_resources
 
-            self.consistency = consistency_resources(data_dir)
+            if ds_name in ("mcf", "cf"):
+                self.consistency = consistency_resources(data_dir)
+            elif ds_name in CF_EASYEDIT_DATASETS:
+                self.consistency = easyedit_consistency_resources(data_dir)
 
     def __call__(self, model, tok, record) -> dict:
         return self.many(model, tok, [record])[0]
 
-    def many(self, model, tok, records: Sequence[dict]) -> List[dict]:
-        """The metrics of each record, all of them scored and decoded in shared batches."""
-        return self._evaluate(model, tok, records, [self._skip_generation(record) for record in records],
-                              self.free_generation)
+    def many(self, model, tok, records: Sequence[dict], stage: Optional[str] = None) -> List[dict]:
+        """The metrics of each record, all of them scored and decoded in shared batches; at a ``stage`` not in
+        ``generation_stages`` without the generation tests."""
+        with_generation = stage is None or stage in self.generation_stages
+        return self._evaluate(model, tok, records, [not (with_generation and self.generation_due(record))
+                                                    for record in records], self.free_generation)
 
     def teacher_forced(self, model, tok, records: Sequence[dict]) -> List[dict]:
         """Only the teacher-forced metrics (no free generation, no generation tests): the cheap part, for
         scoring many records at a checkpoint."""
         return self._evaluate(model, tok, records, [True] * len(records), None)
+
+    def generation_only(self, model, tok, records: Sequence[dict]) -> List[dict]:
+        """Only the generation tests' metrics of each record (fluency, consistency), for records whose case
+        was scored without them."""
+        from experiments.eval_counterfact import generation_metrics_many
+
+        return generation_metrics_many(model, tok, records, self.consistency.snippets, self.consistency.vectors,
+                                       self.generation, self.consistency.source, self.consistency.unavailable_reason)
 
     def _evaluate(self, model, tok, records, skip_generation: List[bool], free_generation) -> List[dict]:
         if self.ds_name == "zsre":
@@ -242,16 +258,17 @@ class Evaluator:
             free_generation=free_generation,
         )
 
-    def _skip_generation(self, record: dict) -> bool:
-        skip = self.skip_generation or (record["case_id"] % self.interval != 0)
-        if not skip and not record.get("generation_prompts"):
-            skip = True
+    def generation_due(self, record: dict) -> bool:
+        """Whether the record gets the generation tests (at a stage that has them)."""
+        due = not self.skip_generation and record["case_id"] % self.interval == 0
+        if due and not record.get("generation_prompts"):
+            due = False
             if not self._told_no_generation_prompts:
                 self._told_no_generation_prompts = True
                 LOG.warning("%s records have no generation_prompts: no fluency or consistency metrics for "
                             "them (their case files have no 'text', 'ngram_entropy' or 'reference_score')",
                             self.ds_name)
-        return skip
+        return due
 
 
 def save_sequential_state(path: Path, model, edited_modules: List[str], state: Optional[SequentialState],

@@ -38,8 +38,9 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from dsets.attr_snippets import snippet_key
 from dsets.tfidf_stats import tfidf_similarity
 from experiments.free_generation import FreeGeneration, free_generation_metrics_many
 from util.generate import generate_texts, generation_seed, sample_top_k_texts
@@ -132,6 +133,7 @@ class GenerationProtocol:
     top_k: int = 5
     max_out_len: int = 100
     max_new_tokens: int = 50
+    batch_size: int = 64  # texts sampled together; changes no text beyond rounding, so not in to_dict
 
     def __post_init__(self):
         if self.name not in GENERATION_PROTOCOLS:
@@ -147,13 +149,33 @@ class GenerationProtocol:
                 "reference": "MEMIT util/generate.py generate_fast, eval_utils_counterfact.py test_generation"}
 
     def generate(self, model, tok, prompts: List[str], case_id) -> List[str]:
-        """Texts for one case's prompts; greedy decoding runs each distinct prompt once."""
+        """Texts for one case's prompts."""
+        return self.generate_many(model, tok, [(prompts, case_id)])[0]
+
+    def generate_many(self, model, tok, cases: Sequence[Tuple[List[str], object]]) -> List[List[str]]:
+        """Texts for the prompts of several cases (``(prompts, case_id)`` each), decoded in shared batches.
+
+        A sampled text depends on its prompt and seed only (``sample_top_k_ids``), so batching the prompts of
+        many cases together changes no text beyond rounding, and is several times faster than one case at a
+        time (two prompts per EasyEdit record would otherwise fill batches of two). Greedy decoding runs each
+        distinct prompt once."""
+        flat = [(prompt, case_id, i) for prompts, case_id in cases for i, prompt in enumerate(prompts)]
         if self.name == PUBLISHED:
-            seeds = [generation_seed(self.seed, case_id, i) for i in range(len(prompts))]
-            return sample_top_k_texts(model, tok, prompts, seeds, max_out_len=self.max_out_len, top_k=self.top_k)
-        unique = list(dict.fromkeys(prompts))
-        by_prompt = dict(zip(unique, generate_texts(model, tok, unique, self.max_new_tokens)))
-        return [by_prompt[p] for p in prompts]
+            order = sorted(range(len(flat)), key=lambda j: len(flat[j][0]))  # similar lengths: little padding
+            texts = sample_top_k_texts(model, tok, [flat[j][0] for j in order],
+                                       [generation_seed(self.seed, flat[j][1], flat[j][2]) for j in order],
+                                       max_out_len=self.max_out_len, top_k=self.top_k, batch_size=self.batch_size)
+            by_position = dict(zip(order, texts))
+            flat_texts = [by_position[j] for j in range(len(flat))]
+        else:
+            unique = list(dict.fromkeys(prompt for prompt, _, _ in flat))
+            by_prompt = dict(zip(unique, generate_texts(model, tok, unique, self.max_new_tokens)))
+            flat_texts = [by_prompt[prompt] for prompt, _, _ in flat]
+        out, start = [], 0
+        for prompts, _ in cases:
+            out.append(flat_texts[start : start + len(prompts)])
+            start += len(prompts)
+        return out
 
 
 def compute_rewrite_quality_counterfact(
@@ -243,23 +265,33 @@ def compute_rewrite_quality_counterfact_many(
         for ret, free in zip(results, free_generation_metrics_many(model, tok, groups_per_record, free_generation,
                                                                   batch_size=batch_size)):
             ret.update(free)
-    for record, ret, skip in zip(records, results, skip_generation):
+    due = [record for record, skip in zip(records, skip_generation) if not skip]
+    generated = iter(generation_metrics_many(model, tok, due, snips, vec, generation_protocol, consistency_source,
+                                             consistency_unavailable))
+    for ret, skip in zip(results, skip_generation):
         if not skip:
-            ret.update(_generation_metrics(model, tok, record, snips, vec, generation_protocol, consistency_source,
-                                           consistency_unavailable))
+            ret.update(next(generated))
     return results
 
 
-def _generation_metrics(model, tok, record: Dict, snips, vec, generation_protocol: GenerationProtocol,
+def generation_metrics_many(model, tok, records: Sequence[Dict], snips=None, vec=None,
+                            generation_protocol: GenerationProtocol = GenerationProtocol(),
+                            consistency_source: Optional[str] = None,
+                            consistency_unavailable: Optional[str] = None) -> List[Dict]:
+    """Fluency and consistency of each record (MEMIT's ``test_generation``), all texts generated together."""
+    texts_per_record = generation_protocol.generate_many(
+        model, tok, [(list(record.get("generation_prompts", [])), record.get("case_id")) for record in records])
+    return [_generation_metrics(record, texts, snips, vec, generation_protocol, consistency_source,
+                                consistency_unavailable) for record, texts in zip(records, texts_per_record)]
+
+
+def _generation_metrics(record: Dict, texts: List[str], snips, vec, generation_protocol: GenerationProtocol,
                         consistency_source: Optional[str], consistency_unavailable: Optional[str]) -> Dict:
-    """Fluency and consistency of one record's generations (MEMIT's ``test_generation``)."""
-    rewrite = record["requested_rewrite"]
-    generation_prompts = list(record.get("generation_prompts", []))
-    texts = []
-    if generation_prompts:
-        texts = generation_protocol.generate(model, tok, generation_prompts, record.get("case_id"))
+    """Fluency and consistency of one record's generated texts."""
     ret: Dict = {"text": texts, "generation_protocol": generation_protocol.to_dict(),
                  "ngram_entropy": n_gram_entropy(texts) if texts else None, "ngram_tokenizer": ngram_tokenizer_name()}
+    if "generation_prompts_source" in record:
+        ret["generation_prompts_source"] = record["generation_prompts_source"]
 
     reason = None
     if snips is None or vec is None:
@@ -267,10 +299,10 @@ def _generation_metrics(model, tok, record: Dict, snips, vec, generation_protoco
     elif not texts:
         reason = "the record has no generation_prompts"
     else:
-        references = _snippet_texts(snips, rewrite.get("relation_id"), rewrite["target_new"].get("id"))
+        relation_id, target_id = snippet_key(record["requested_rewrite"])
+        references = _snippet_texts(snips, relation_id, target_id)
         if not references:
-            reason = (f"no attribute snippets for relation {rewrite.get('relation_id')!r} and object "
-                      f"{rewrite['target_new'].get('id')!r}")
+            reason = f"no attribute snippets for relation {relation_id!r} and object {target_id!r}"
         else:
             ret["reference_score"] = tfidf_similarity(" ".join(texts), " ".join(references), vec)
             ret["consistency_source"] = consistency_source or "unknown (the caller gave no source)"

@@ -62,6 +62,16 @@ REMOVED_SWITCHES = {
 }
 
 
+def stage_list(text: str) -> tuple:
+    """``--generation_stages``: a comma-separated subset of the evaluation stages."""
+    stages = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [stage for stage in stages if stage not in STAGE_LABELS]
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stages of {','.join(STAGE_LABELS)}, e.g. 'final' or "
+                                         "'pre,post'")
+    return stages
+
+
 def parse_args(argv=None):
     parser = script_parser(__doc__)
     parser.add_argument("--alg_name", required=True, help=f"one of {', '.join(algorithm_names())}")
@@ -80,6 +90,10 @@ def parse_args(argv=None):
                         help="no free-generation metric (greedy answers judged as text, docs/DESIGN.md section 7; "
                              "about 3x the teacher-forced scoring's time, little next to the generation tests)")
     parser.add_argument("--generation_test_interval", type=int, default=1, help="generation tests every N-th case id")
+    parser.add_argument("--generation_stages", type=stage_list, default=None, metavar="STAGE[,STAGE]",
+                        help="evaluation stages with the generation tests, of pre,post,final (default: final for "
+                             "sequential runs, as AlphaEdit's protocol; pre,post otherwise, as MEMIT's). A resumed "
+                             "run adds them to finished cases' final stage if they lack them")
     parser.add_argument("--generation_protocol", choices=["published", "greedy"], default="published",
                         help="fluency/consistency texts: published = MEMIT's top-k 5 sampling, 100 tokens with the "
                              "prompt, seeded by --seed and the case id; greedy = argmax, 50 new tokens")
@@ -119,6 +133,9 @@ def main(argv=None) -> Path:
     overrides = parse_overrides(args.hparams)
     hparams = load_hparams(algorithm, hparams_path, overrides)
     sequential = algorithm.sequential_by_default if args.sequential is None else args.sequential
+    generation_stages = args.generation_stages or (("final",) if sequential else ("pre", "post"))
+    if "final" in generation_stages and not sequential:
+        raise RunError("--generation_stages final needs a sequential run: only sequential runs have a 'final' stage")
     records = load_records(args.ds_name, args.data_dir, args.dataset_size_limit)
     if not records:
         raise RunError("the dataset selection is empty")
@@ -134,6 +151,8 @@ def main(argv=None) -> Path:
         "hparams_overrides": overrides, "eval_batch_size": args.eval_batch_size,
         "ds_name": args.ds_name, "dataset_size_limit": args.dataset_size_limit, "num_edits": args.num_edits,
         "sequential": sequential, "seed": args.seed, "generation_protocol": args.generation_protocol,
+        "generation_stages": None if args.skip_generation_tests else list(generation_stages),
+        "generation_test_interval": args.generation_test_interval,
         "free_generation": None if args.skip_free_generation else FreeGeneration().to_dict(),
         "device": args.device, "dtype": args.dtype,
         "device_map": args.device_map, "hparams": hparams.to_dict(), "evaluation_stages": STAGE_LABELS,
@@ -154,7 +173,7 @@ def main(argv=None) -> Path:
     evaluate_case = Evaluator(args.ds_name, args.data_dir, args.skip_generation_tests,
                               args.generation_test_interval, batch_size=args.eval_batch_size,
                               generation_protocol=args.generation_protocol, seed=args.seed,
-                              free_generation=not args.skip_free_generation)
+                              free_generation=not args.skip_free_generation, generation_stages=generation_stages)
 
     state_file = run_dir / "sequential_state.pt"
     state: Optional[SequentialState] = None
@@ -197,7 +216,7 @@ def main(argv=None) -> Path:
         round_start = time.perf_counter()
         round_requests = [requests[i] for i in members]
         with clock.stage("pre"), temporarily_loaded(model, original_weights):
-            pre = evaluate_case.many(model, tok, [records[i] for i in members])
+            pre = evaluate_case.many(model, tok, [records[i] for i in members], "pre")
         set_seed(args.seed + round_index)
         start = time.perf_counter()
         with clock.stage("edit"):
@@ -208,7 +227,7 @@ def main(argv=None) -> Path:
             atomic_write_json(explanation_path(run_dir, round_index), {"round": round_index, **report.explanation})
         post_start = time.perf_counter()
         with clock.stage("post"):
-            post = evaluate_case.many(model, tok, [records[i] for i in members])
+            post = evaluate_case.many(model, tok, [records[i] for i in members], "post")
         post_seconds = time.perf_counter() - post_start
         for i, path, pre_metrics, post_metrics in zip(members, paths, pre, post):
             atomic_write_json(path, {
@@ -245,10 +264,18 @@ def main(argv=None) -> Path:
                 cases = [json.loads(path.read_text()) for path in paths]
                 if any("final" not in case for case in cases):
                     # The whole group, as in an uninterrupted run: the same batches give the same floats.
-                    for path, case, metrics in zip(paths, cases, evaluate_case.many(model, tok, group)):
+                    for path, case, metrics in zip(paths, cases, evaluate_case.many(model, tok, group, "final")):
                         if "final" not in case:
                             case["final"] = metrics
                             atomic_write_json(path, case)
+                lacking = [i for i, (record, case) in enumerate(zip(group, cases))
+                           if "final" in case and "ngram_entropy" not in case["final"]
+                           and "final" in generation_stages and evaluate_case.generation_due(record)]
+                if lacking:  # scored before the final stage had the generation tests: add them
+                    generated = evaluate_case.generation_only(model, tok, [group[i] for i in lacking])
+                    for i, metrics in zip(lacking, generated):
+                        cases[i]["final"].update(metrics)
+                        atomic_write_json(paths[i], cases[i])
                 bar.update(len(group))
             bar.close()
         clock.save()

@@ -244,7 +244,7 @@ def summarize_stage(per_case: list[dict], dataset: str, stage_name: str) -> dict
         for metric in MAGNITUDE_METRICS + ("fluency", "consistency"):
             out[metric] = None
         out["fluency_status"] = out["consistency_status"] = "absent"
-        out["generation_protocol"] = out["consistency_source"] = None
+        out["generation_protocol"] = out["consistency_source"] = out["generation_prompts_source"] = None
     return out
 
 
@@ -330,6 +330,11 @@ def _check_generation_sources(per_case: list[dict], out: dict) -> None:
         message = f"fluency and consistency not aggregated: the cases mix generation protocols ({found})"
         out["notes"].append(message)
         logger.warning("stage %s: %s", out["stage"], message)
+    prompt_sources = {case.get("_generation_prompts_source") for case in per_case if case["fluency"] is not None}
+    prompt_sources.discard(None)
+    out["generation_prompts_source"] = "; ".join(sorted(prompt_sources)) or None
+    if prompt_sources:
+        out["notes"].append(f"fluency and consistency texts from {out['generation_prompts_source']}")
     sources: dict[str, int] = {}
     for case in per_case:
         if case["consistency"] is not None:

@@ -11,7 +11,10 @@ import logging
 import pytest
 
 import summarize
-from dsets import CF_EASYEDIT_DATASETS, CounterFactDataset, EasyEditCounterFactDataset, MENDQADataset
+from dsets import (CF_EASYEDIT_DATASETS, EASYEDIT_SUBSTITUTE_SOURCE, CounterFactDataset, EasyEditCounterFactDataset,
+                   MENDQADataset)
+from dsets.attr_snippets import ANY_RELATION, easyedit_consistency_resources, snippet_key
+from dsets.easyedit import GENERATION_PROMPTS_SOURCE
 from dsets.data_files import DataFormatError
 from dsets.zsre import UNKNOWN_TRUE_TARGET
 from experiments import evaluate
@@ -73,6 +76,9 @@ def test_known_record_field_by_field_matches_memit_counterfact(data_dir):
                               "target_new": {"str": "football"}, "target_true": {"str": "soccer"}},
         "paraphrase_prompts": ["Andreas Ivanschitz's greatest strength is"],
         "neighborhood_prompts": ["Andrea Pirlo professionally plays the sport"],
+        "generation_prompts": ["Andreas Ivanschitz professionally plays the sport",
+                               "Andreas Ivanschitz's greatest strength is"],
+        "generation_prompts_source": GENERATION_PROMPTS_SOURCE,
     }
     memit = next(r for r in CounterFactDataset(data_dir) if r["case_id"] == 11)
     rewrite = memit["requested_rewrite"]
@@ -224,6 +230,31 @@ def test_zsre_alt_convention_uses_the_true_answer_and_skips_no_op_edits(tmp_path
     assert answers.edit_target == "answers" and answers[2]["requested_rewrite"]["target_new"] == {"str": "1987"}
 
 
+def test_consistency_references_are_true_sentences_of_the_same_object(tmp_path, data_dir):
+    """The references of target_new are the rewrite and neighbourhood sentences of records (both files) whose
+    true object is that string, never sentences that state target_new as a counterfactual."""
+    data = write_easyedit(tmp_path / "data", [
+        easyedit_record(1),  # piano <- guitar
+        easyedit_record(2, subject="Miles Davis", prompt="Miles Davis plays the", target_new="guitar",
+                        ground_truth="piano", locality_prompt="Herbie Hancock plays the"),
+    ], val=[easyedit_record(3, subject="Keith Jarrett", prompt="Keith Jarrett, the", target_new="violin",
+                            ground_truth="piano", locality_prompt="Bill Evans plays the")])
+    for name in ("counterfact.json", "wikitext"):
+        (data / name).symlink_to(data_dir / name)
+    resources = easyedit_consistency_resources(data, stats_dir=tmp_path / "stats")
+    assert resources.source == EASYEDIT_SUBSTITUTE_SOURCE and resources.vectors is not None
+    assert sorted(resources.snippets.texts(ANY_RELATION, "piano")) == [
+        "Bill Evans plays the piano", "Herbie Hancock plays the piano", "Keith Jarrett, the piano",
+        "Miles Davis plays the piano"]
+    assert resources.snippets.texts(ANY_RELATION, "guitar") == ["Toko Yasuda, the guitar",
+                                                                 "John Lennon performs on the guitar"]
+    assert resources.snippets.texts(ANY_RELATION, "violin") == []
+    record = EasyEditCounterFactDataset(data)[0]
+    assert snippet_key(record["requested_rewrite"]) == (ANY_RELATION, "piano")
+    memit_rewrite = {"relation_id": "P1303", "target_new": {"str": "piano", "id": "Q5994"}}
+    assert snippet_key(memit_rewrite) == ("P1303", "Q5994")
+
+
 # ---------------------------------------------------------------- the driver end to end
 
 @pytest.fixture
@@ -278,17 +309,50 @@ def test_driver_run_on_easyedit_counterfact_writes_memit_case_files(tiny_easyedi
             metrics = case[stage]
             assert [len(metrics[f"{kind}_probs"]) for kind in ("rewrite_prompts", "paraphrase_prompts",
                                                                 "neighborhood_prompts")] == [1, 1, 1]
-            assert "text" not in metrics and "ngram_entropy" not in metrics and "reference_score" not in metrics
-        assert case["pre"]["rewrite_prompts_probs"] != case["post"]["rewrite_prompts_probs"]
-    no_generation = [r for r in caplog.records if "no generation_prompts" in r.getMessage()]
-    assert len(no_generation) == 1  # said once, not per case
+        # A sequential run has the generation tests after the last round only (AlphaEdit's protocol).
+        for stage in ("pre", "post"):
+            assert not {"text", "ngram_entropy", "reference_score"} & set(case[stage])
+        final = case["final"]
+        assert len(final["text"]) == 2 and final["generation_prompts_source"] == GENERATION_PROMPTS_SOURCE
+        assert final["text"][0].startswith(case["requested_rewrite"]["prompt"].format(
+            case["requested_rewrite"]["subject"]))
+        assert final["ngram_entropy"] > 0
+        assert final["consistency_source"] == EASYEDIT_SUBSTITUTE_SOURCE and 0 <= final["reference_score"] <= 1
+    assert not [r for r in caplog.records if "no generation_prompts" in r.getMessage()]
     summary = summarize.summarize_run(run_dir)
     assert summary["n_cases"] == 4 and summary["ds_name"] == "cf_easyedit"
     assert {"pre", "post", "final"} <= set(summary["stages"])
+    final = summary["stages"]["final"]
+    assert final["fluency"]["n"] == 4 and final["consistency"]["n"] == 4
+    assert final["generation_prompts_source"] == GENERATION_PROMPTS_SOURCE
+    assert final["consistency_source"] == EASYEDIT_SUBSTITUTE_SOURCE
 
     with pytest.raises(RunError, match="ds_name: run has 'cf_easyedit', now 'cf_easyedit_train'"):
         tiny_easyedit_run("--ds_name", "cf_easyedit_train", "--data_dir", str(data_dir),
                           "--dataset_size_limit", "4", "--num_edits", "2", "--continue_from_run", run_dir.name)
+
+
+def test_resumed_run_adds_final_generation_tests_to_finished_cases(tiny_easyedit_run, data_dir):
+    """A run whose final stage was scored without the generation tests gets them on resume, nothing else
+    changes, and no round is repeated; the texts equal those of a run that had them from the start."""
+    common = ("--ds_name", "cf_easyedit", "--data_dir", str(data_dir), "--dataset_size_limit", "3",
+              "--num_edits", "3", "--skip_free_generation")
+    run_dir, _ = tiny_easyedit_run(*common, "--generation_stages", "pre")
+    before = {p.name: json.loads(p.read_text()) for p in run_dir.glob("3_edits-case_*.json")}
+    assert all("ngram_entropy" in c["pre"] and "ngram_entropy" not in c["final"] for c in before.values())
+    resumed, applied = tiny_easyedit_run(*common, "--continue_from_run", run_dir.name)
+    assert resumed == run_dir and applied == []
+    fresh, _ = tiny_easyedit_run(*common)
+    for name, old in before.items():
+        case = json.loads((run_dir / name).read_text())
+        added = {k: v for k, v in case["final"].items() if k not in old["final"]}
+        assert {"text", "ngram_entropy", "reference_score", "generation_prompts_source"} <= set(added)
+        assert {k: case["final"][k] for k in old["final"]} == old["final"] and case["pre"] == old["pre"]
+        assert case["final"]["text"] == json.loads((fresh / name).read_text())["final"]["text"]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--alg_name", "MEMIT", "--hparams_fname", "x.json", "--generation_stages", "middle"])
+    with pytest.raises(RunError, match="--generation_stages final needs a sequential run"):
+        tiny_easyedit_run(*common, "--no-sequential", "--generation_stages", "final")
 
 
 def test_driver_run_records_skipped_records_and_refuses_a_too_large_limit(tiny_easyedit_run, tmp_path):

@@ -4,6 +4,7 @@ it must differ from teacher forcing, and on tiny models), the tf-idf substitute,
 the embedded model on real CounterFact records."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -280,6 +281,22 @@ def test_published_protocol_is_the_default_and_recorded(tiny_gpt2, tiny_tok):
     assert other_case["text"] != out["text"]
     with pytest.raises(ValueError, match="unknown generation protocol"):
         GenerationProtocol("nucleus")
+
+
+@pytest.mark.parametrize("protocol", [SHORT_PUBLISHED, GREEDY_4], ids=["published", "greedy"])
+def test_texts_of_many_cases_generated_together_equal_one_case_at_a_time(tiny_llama, tiny_tok, protocol):
+    """Batching the prompts of several cases (sorted by length, batches of 3 here) changes no text: each
+    sampled text depends on its prompt and its case's seed only."""
+    cases = [(["The capital of France is", "A"], 4), (["Paris is in the country of", "B", "Hello"], 7),
+             (["Water boils at"], 4), ([], 9)]
+    batched = dataclasses.replace(protocol, batch_size=3)
+    together = batched.generate_many(tiny_llama, tiny_tok, cases)
+    assert [len(texts) for texts in together] == [2, 3, 1, 0]
+    assert together == [protocol.generate(tiny_llama, tiny_tok, prompts, case_id) for prompts, case_id in cases]
+    assert all(text.startswith(prompt) for (prompts, _), texts in zip(cases, together)
+               for prompt, text in zip(prompts, texts))
+    if protocol.name == PUBLISHED:  # the case id seeds the text: the same prompt differs between cases
+        assert together[0][0] != batched.generate(tiny_llama, tiny_tok, ["The capital of France is"], 5)[0]
 
 
 def _argmax_continuation(model, tok, prompt: str, n_new: int) -> str:
