@@ -506,7 +506,7 @@ def compare(specs: Sequence[str], results_dir: Path) -> list[dict]:
 def render_comparison(runs: list[dict]) -> str:
     """AlphaEdit's Table 1 layout: one row per run and stage (post, final)."""
     headers = ["Method", "Run", "Edits", "Stage", "Efficacy", "Generalization", "Specificity", "Fluency",
-               "Consistency", "Eff. free", "Gen. free", "Spec. free", "Perplexity", "Downstream acc."]
+               consistency_header(runs), "Eff. free", "Gen. free", "Spec. free", "Perplexity", "Downstream acc."]
     rows = []
     for run in runs:
         ppl = "-" if run.get("perplexity") is None else f"{run['perplexity']:.2f}"
@@ -526,6 +526,15 @@ def render_comparison(runs: list[dict]) -> str:
                   "round. Perplexity on held-out WikiText after the last round"
               + (f" (unedited model: {unedited[0]:.2f})" if unedited else "")
               + "; downstream: mean accuracy over the tasks at the last checkpoint (@ edits)."]
+    fewer = [f"{run.get('alg_name') or '?'} {name} {stage['fluency']['n']}" for run in runs
+             for name, stage in run["stages"].items()
+             if name in ("post", "final") and stage.get("fluency") and stage["fluency"]["n"] < run["n_cases"]]
+    if fewer:
+        lines.append("Fluency and consistency over fewer cases than edited (every --generation_test_interval-th "
+                     "case id): " + ", ".join(fewer) + ".")
+    prompt_sources = sorted(set(_stage_values(runs, "generation_prompts_source")))
+    if prompt_sources:
+        lines.append(f"Fluency and consistency texts from {'; '.join(prompt_sources)}.")
     if runs and runs[0].get("overlay_plot"):
         lines.append(f"Plot: {runs[0]['overlay_plot']}")
     lines += [f"Plot: {r['curves_plot']}" for r in runs if r.get("curves_plot")]
