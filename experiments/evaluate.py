@@ -92,7 +92,8 @@ def parse_args(argv=None):
     parser.add_argument("--generation_test_interval", type=int, default=1, help="generation tests every N-th case id")
     parser.add_argument("--generation_stages", type=stage_list, default=None, metavar="STAGE[,STAGE]",
                         help="evaluation stages with the generation tests, of pre,post,final (default: final for "
-                             "sequential runs, as AlphaEdit's protocol; pre,post otherwise, as MEMIT's). A resumed "
+                             "sequential runs with a final evaluation, as AlphaEdit's protocol; pre,post otherwise, "
+                             "as MEMIT's). A resumed "
                              "run adds them to finished cases' final stage if they lack them")
     parser.add_argument("--generation_protocol", choices=["published", "greedy"], default="published",
                         help="fluency/consistency texts: published = MEMIT's top-k 5 sampling, 100 tokens with the "
@@ -133,9 +134,11 @@ def main(argv=None) -> Path:
     overrides = parse_overrides(args.hparams)
     hparams = load_hparams(algorithm, hparams_path, overrides)
     sequential = algorithm.sequential_by_default if args.sequential is None else args.sequential
-    generation_stages = args.generation_stages or (("final",) if sequential else ("pre", "post"))
-    if "final" in generation_stages and not sequential:
-        raise RunError("--generation_stages final needs a sequential run: only sequential runs have a 'final' stage")
+    final_evaluation = sequential and not args.skip_final_eval
+    generation_stages = args.generation_stages or (("final",) if final_evaluation else ("pre", "post"))
+    if "final" in generation_stages and not final_evaluation:
+        raise RunError("--generation_stages final needs a final evaluation: a sequential run without "
+                       "--skip_final_eval (only those have a 'final' stage)")
     records = load_records(args.ds_name, args.data_dir, args.dataset_size_limit)
     if not records:
         raise RunError("the dataset selection is empty")
@@ -191,7 +194,6 @@ def main(argv=None) -> Path:
     rounds = [list(range(i, min(i + args.num_edits, len(records)))) for i in range(0, len(records), args.num_edits)]
     checkpoints = CheckpointSchedule(args.downstream_eval_steps, run_dir, args.downstream_examples, args.data_dir)
     generic_text = GenericText(tok, statistics_chunks=statistics_chunks(hparams), data_dir=args.data_dir)
-    final_evaluation = sequential and not args.skip_final_eval
     clock = RunClock(run_dir / "timing.json", len(rounds), len(records), final_evaluation=final_evaluation)
 
     def checkpoint(rounds_done: int) -> None:

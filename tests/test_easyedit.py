@@ -351,7 +351,7 @@ def test_resumed_run_adds_final_generation_tests_to_finished_cases(tiny_easyedit
         assert case["final"]["text"] == json.loads((fresh / name).read_text())["final"]["text"]
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--alg_name", "MEMIT", "--hparams_fname", "x.json", "--generation_stages", "middle"])
-    with pytest.raises(RunError, match="--generation_stages final needs a sequential run"):
+    with pytest.raises(RunError, match="--generation_stages final needs a final evaluation"):
         tiny_easyedit_run(*common, "--no-sequential", "--generation_stages", "final")
 
 
