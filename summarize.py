@@ -506,7 +506,7 @@ def compare(specs: Sequence[str], results_dir: Path) -> list[dict]:
 def render_comparison(runs: list[dict]) -> str:
     """AlphaEdit's Table 1 layout: one row per run and stage (post, final)."""
     headers = ["Method", "Run", "Edits", "Stage", "Efficacy", "Generalization", "Specificity", "Fluency",
-               consistency_header(runs), "Eff. free", "Gen. free", "Spec. free", "Perplexity", "Downstream acc."]
+               "Consistency*", "Eff. free", "Gen. free", "Spec. free", "Perplexity", "Downstream acc."]
     rows = []
     for run in runs:
         ppl = "-" if run.get("perplexity") is None else f"{run['perplexity']:.2f}"
@@ -522,9 +522,15 @@ def render_comparison(runs: list[dict]) -> str:
                          ppl if stage_name == "final" else "-", glue_text if stage_name == "final" else "-"])
     lines = format_table(headers, rows, left=4)
     unedited = [r["perplexity_unedited"] for r in runs if r.get("perplexity_unedited") is not None]
+    fluency_unedited = {f"{r.get('alg_name') or '?'}'s": format_stat(r["stages"]["pre"]["fluency"]) for r in runs
+                        if (r["stages"].get("pre") or {}).get("fluency")}
+    if len(set(fluency_unedited.values())) == 1:  # the same texts: one model, one seed, the same cases
+        fluency_unedited = {"": next(iter(fluency_unedited.values()))}
     lines += ["", "post: each record right after its own round; final: every record on the model after the last "
                   "round. Perplexity on held-out WikiText after the last round"
               + (f" (unedited model: {unedited[0]:.2f})" if unedited else "")
+              + "".join(f"; fluency of the unedited model{f' ({name} pre stage)' if name else ''}: {value}"
+                        for name, value in fluency_unedited.items())
               + "; downstream: mean accuracy over the tasks at the last checkpoint (@ edits)."]
     fewer = [f"{run.get('alg_name') or '?'} {name} {stage['fluency']['n']}" for run in runs
              for name, stage in run["stages"].items()
@@ -532,6 +538,7 @@ def render_comparison(runs: list[dict]) -> str:
     if fewer:
         lines.append("Fluency and consistency over fewer cases than edited (every --generation_test_interval-th "
                      "case id): " + ", ".join(fewer) + ".")
+    lines.append(f"* {consistency_header(runs)}.")
     prompt_sources = sorted(set(_stage_values(runs, "generation_prompts_source")))
     if prompt_sources:
         lines.append(f"Fluency and consistency texts from {'; '.join(prompt_sources)}.")

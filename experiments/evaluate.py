@@ -253,6 +253,9 @@ def main(argv=None) -> Path:
         LOG.info(clock.round_done(round_index + 1, edits_done, time.perf_counter() - round_start, len(members),
                                   post_seconds))
 
+    if "pre" in generation_stages:
+        with clock.stage("pre"), temporarily_loaded(model, original_weights):
+            add_missing_generation_tests(model, tok, evaluate_case, records, run_dir, args.num_edits, "pre")
     if sequential and algorithm.finish is not None and state is not None and not state.finished:
         finished = algorithm.finish(model, hparams, state)
         state.finished = True
@@ -270,19 +273,35 @@ def main(argv=None) -> Path:
                         if "final" not in case:
                             case["final"] = metrics
                             atomic_write_json(path, case)
-                lacking = [i for i, (record, case) in enumerate(zip(group, cases))
-                           if "final" in case and "ngram_entropy" not in case["final"]
-                           and "final" in generation_stages and evaluate_case.generation_due(record)]
-                if lacking:  # scored before the final stage had the generation tests: add them
-                    generated = evaluate_case.generation_only(model, tok, [group[i] for i in lacking])
-                    for i, metrics in zip(lacking, generated):
-                        cases[i]["final"].update(metrics)
-                        atomic_write_json(paths[i], cases[i])
                 bar.update(len(group))
             bar.close()
+            if "final" in generation_stages:
+                add_missing_generation_tests(model, tok, evaluate_case, records, run_dir, args.num_edits, "final")
         clock.save()
     LOG.info("done: %s", run_dir)
     return run_dir
+
+
+def add_missing_generation_tests(model, tok, evaluate_case: Evaluator, records, run_dir: Path, num_edits: int,
+                                 stage: str) -> int:
+    """Add the generation tests to the finished cases whose ``stage`` was scored without them (a run made
+    before that stage had them), on the model as it is now; returns how many cases got them."""
+    added = 0
+    for group in chunks(records, FINAL_EVALUATION_GROUP):
+        paths = [case_path(run_dir, num_edits, record["case_id"]) for record in group]
+        cases = [json.loads(path.read_text()) if path.exists() else None for path in paths]
+        lacking = [i for i, (record, case) in enumerate(zip(group, cases))
+                   if case is not None and stage in case and "ngram_entropy" not in case[stage]
+                   and evaluate_case.generation_due(record)]
+        if not lacking:
+            continue
+        for i, metrics in zip(lacking, evaluate_case.generation_only(model, tok, [group[i] for i in lacking])):
+            cases[i][stage].update(metrics)
+            atomic_write_json(paths[i], cases[i])
+        added += len(lacking)
+    if added:
+        LOG.info("added the generation tests to the '%s' stage of %d finished cases", stage, added)
+    return added
 
 
 def cli(argv=None) -> int:

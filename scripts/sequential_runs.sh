@@ -17,10 +17,11 @@
 #   AlphaEdit        null-space projected MEMIT
 #   MEMIT            MEMIT --sequential without C_prev (AlphaEdit's MEMIT row)
 #   MEMIT_seq        MEMIT keeping C_prev (the moments of earlier edits)
-# Fluency and consistency come from the generation tests after the last round (AlphaEdit's protocol), on every
-# GENERATION_INTERVAL-th case id (MEMIT's --generation_test_interval): the default 10 scores 200 of 2,000
-# records, about 2 minutes per run on a 2-core CPU; 1 scores all of them (about 18 minutes there, one on a GPU).
-# A finished run made before its final stage had them gets them when the script runs again.
+# Fluency and consistency come from the generation tests after the last round (AlphaEdit's protocol) and, as the
+# baseline, on the unedited model ('pre'), on every GENERATION_INTERVAL-th case id (MEMIT's
+# --generation_test_interval): the default 10 scores 200 of 2,000 records, about 2 minutes per stage and run on a
+# 2-core CPU; 1 scores all of them (about 18 minutes per stage there, one on a GPU). A finished run made before
+# it had them gets them when the script runs again.
 # Settings (environment): METHODS, EDITS (2000), ROUND (100), DOWNSTREAM_STEPS (5), DS (cf_easyedit), MODEL
 # (smollm2-135m), RESULTS (ECE_RESULTS_DIR, else results), DEVICE (auto), TOTAL_S (0: no limit),
 # GENERATION_INTERVAL (10), EXTRA (more evaluate.py arguments, the same for every method), OVERRIDES
@@ -73,7 +74,7 @@ for method in $METHODS; do
   "${limit[@]}" "$PYTHON" experiments/evaluate.py $arguments --model_name "$MODEL" \
       --hparams_fname "$MODEL.json" --ds_name "$DS" --dataset_size_limit "$EDITS" --num_edits "$ROUND" \
       --downstream_eval_steps "$DOWNSTREAM_STEPS" --results_dir "$RESULTS" ${DEVICE:+--device "$DEVICE"} \
-      --generation_stages final --generation_test_interval "$GENERATION_INTERVAL" "${resume[@]}" $EXTRA
+      --generation_stages pre,final --generation_test_interval "$GENERATION_INTERVAL" "${resume[@]}" $EXTRA
   status=$?
   if [ -d "$run_dir" ]; then compared+=("$method/run_000"); fi
   if [ "$status" -ne 0 ]; then echo "$method: stopped (status $status); run the script again to resume"; complete=0; break; fi

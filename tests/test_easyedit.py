@@ -332,23 +332,28 @@ def test_driver_run_on_easyedit_counterfact_writes_memit_case_files(tiny_easyedi
                           "--dataset_size_limit", "4", "--num_edits", "2", "--continue_from_run", run_dir.name)
 
 
-def test_resumed_run_adds_final_generation_tests_to_finished_cases(tiny_easyedit_run, data_dir):
-    """A run whose final stage was scored without the generation tests gets them on resume, nothing else
-    changes, and no round is repeated; the texts equal those of a run that had them from the start."""
+def test_resumed_run_adds_missing_generation_tests_to_finished_cases(tiny_easyedit_run, data_dir):
+    """A run whose pre and final stages were scored without the generation tests gets them on resume (pre on
+    the unedited weights), nothing else changes, and no round is repeated; the texts equal those of a run
+    that had them from the start."""
     common = ("--ds_name", "cf_easyedit", "--data_dir", str(data_dir), "--dataset_size_limit", "3",
               "--num_edits", "3", "--skip_free_generation")
-    run_dir, _ = tiny_easyedit_run(*common, "--generation_stages", "pre")
+    run_dir, _ = tiny_easyedit_run(*common, "--generation_stages", "post")
     before = {p.name: json.loads(p.read_text()) for p in run_dir.glob("3_edits-case_*.json")}
-    assert all("ngram_entropy" in c["pre"] and "ngram_entropy" not in c["final"] for c in before.values())
-    resumed, applied = tiny_easyedit_run(*common, "--continue_from_run", run_dir.name)
+    assert all("ngram_entropy" in c["post"] and "ngram_entropy" not in c["final"] for c in before.values())
+    resumed, applied = tiny_easyedit_run(*common, "--generation_stages", "pre,final", "--continue_from_run",
+                                         run_dir.name)
     assert resumed == run_dir and applied == []
-    fresh, _ = tiny_easyedit_run(*common)
+    fresh, _ = tiny_easyedit_run(*common, "--generation_stages", "pre,final")
     for name, old in before.items():
-        case = json.loads((run_dir / name).read_text())
-        added = {k: v for k, v in case["final"].items() if k not in old["final"]}
-        assert {"text", "ngram_entropy", "reference_score", "generation_prompts_source"} <= set(added)
-        assert {k: case["final"][k] for k in old["final"]} == old["final"] and case["pre"] == old["pre"]
-        assert case["final"]["text"] == json.loads((fresh / name).read_text())["final"]["text"]
+        case, fresh_case = json.loads((run_dir / name).read_text()), json.loads((fresh / name).read_text())
+        assert case["post"] == old["post"]
+        for stage in ("pre", "final"):
+            added = {k: v for k, v in case[stage].items() if k not in old[stage]}
+            assert {"text", "ngram_entropy", "reference_score", "generation_prompts_source"} <= set(added)
+            assert {k: case[stage][k] for k in old[stage]} == old[stage]
+            assert case[stage]["text"] == fresh_case[stage]["text"]
+        assert case["pre"]["text"] != case["final"]["text"]  # unedited against edited weights
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--alg_name", "MEMIT", "--hparams_fname", "x.json", "--generation_stages", "middle"])
     with pytest.raises(RunError, match="--generation_stages final needs a final evaluation"):

@@ -819,13 +819,16 @@ def test_compare_notes_fluency_over_fewer_cases_and_substitute_prompts(tmp_path:
     case = json.loads(path.read_text())
     case["final"].update(ngram_entropy=6.0, reference_score=0.25, text=["t"], generation_protocol=PUBLISHED_PROTOCOL,
                          consistency_source="refs S", generation_prompts_source="substitute prompts P")
+    case["pre"] = cf_stage([(3.0, 1.0)], [(3.0, 1.0)], [(3.0, 1.0)], ngram_entropy=6.5, text=["u"],
+                           generation_protocol=PUBLISHED_PROTOCOL)
     path.write_text(json.dumps(case))
     assert sm.main(["--compare", "AlphaEdit/run_000", f"--results_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     final = next(line.split() for line in out.splitlines() if line.split()[:1] == ["AlphaEdit"]
                  and line.split()[3] == "final")
     assert final[13:15] == ["600.0", "25.0"]  # Fluency, Consistency (x100) of the one case that has them
-    assert "Consistency (refs S)" in out
+    assert "Consistency*" in out and "* Consistency (refs S)." in out
+    assert "fluency of the unedited model: 650.0" in out
     assert "(every --generation_test_interval-th case id): AlphaEdit final 1." in out
     assert "Fluency and consistency texts from substitute prompts P." in out
 
