@@ -522,15 +522,16 @@ def render_comparison(runs: list[dict]) -> str:
                          ppl if stage_name == "final" else "-", glue_text if stage_name == "final" else "-"])
     lines = format_table(headers, rows, left=4)
     unedited = [r["perplexity_unedited"] for r in runs if r.get("perplexity_unedited") is not None]
-    fluency_unedited = {f"{r.get('alg_name') or '?'}'s": format_stat(r["stages"]["pre"]["fluency"]) for r in runs
+    fluency_unedited = {r.get("alg_name") or "?": format_stat(r["stages"]["pre"]["fluency"]) for r in runs
                         if (r["stages"].get("pre") or {}).get("fluency")}
     if len(set(fluency_unedited.values())) == 1:  # the same texts: one model, one seed, the same cases
-        fluency_unedited = {"": next(iter(fluency_unedited.values()))}
+        fluency_text = f"; fluency of the unedited model: {next(iter(fluency_unedited.values()))}"
+    else:
+        fluency_text = "".join(f"; fluency of the unedited model ({name}'s pre stage): {value}"
+                               for name, value in fluency_unedited.items())
     lines += ["", "post: each record right after its own round; final: every record on the model after the last "
                   "round. Perplexity on held-out WikiText after the last round"
-              + (f" (unedited model: {unedited[0]:.2f})" if unedited else "")
-              + "".join(f"; fluency of the unedited model{f' ({name} pre stage)' if name else ''}: {value}"
-                        for name, value in fluency_unedited.items())
+              + (f" (unedited model: {unedited[0]:.2f})" if unedited else "") + fluency_text
               + "; downstream: mean accuracy over the tasks at the last checkpoint (@ edits)."]
     fewer = [f"{run.get('alg_name') or '?'} {name} {stage['fluency']['n']}" for run in runs
              for name, stage in run["stages"].items()

@@ -93,8 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--generation_stages", type=stage_list, default=None, metavar="STAGE[,STAGE]",
                         help="evaluation stages with the generation tests, of pre,post,final (default: final for "
                              "sequential runs with a final evaluation, as AlphaEdit's protocol; pre,post otherwise, "
-                             "as MEMIT's). A resumed "
-                             "run adds them to finished cases' final stage if they lack them")
+                             "as MEMIT's). A resumed run adds them to finished cases whose pre or final stage "
+                             "lacks them")
     parser.add_argument("--generation_protocol", choices=["published", "greedy"], default="published",
                         help="fluency/consistency texts: published = MEMIT's top-k 5 sampling, 100 tokens with the "
                              "prompt, seeded by --seed and the case id; greedy = argmax, 50 new tokens")
