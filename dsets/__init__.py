@@ -9,6 +9,7 @@ from dsets.attr_snippets import (
     consistency_unavailable_reason,
     counterfact_reference_entries,
     easyedit_consistency_resources,
+    easyedit_reference_entries,
     load_attribute_snippets,
     substitute_consistency_resources,
 )
@@ -25,7 +26,6 @@ from dsets.easyedit import (
     CF_EASYEDIT_DATASETS,
     EasyEditCounterFactDataset,
     convert_easyedit_counterfact_record,
-    easyedit_reference_entries,
 )
 from dsets.knowns import KnownsDataset
 from dsets.skipped import SkippedRecords, UnusableRecord

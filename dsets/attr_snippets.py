@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from dsets.data_files import data_dir_candidates, locate_data_file
+from dsets.easyedit import EasyEditCounterFactDataset
 from dsets.tfidf_stats import IDF_FILE, VOCAB_FILE, TfidfVectors, cached_tfidf_vectors, load_tfidf_vectors
 from util.paths import get_paths
 
@@ -126,6 +127,25 @@ def counterfact_reference_entries(records: Sequence[dict]) -> List[dict]:
             for (relation_id, target_id), by_text in samples.items()]
 
 
+def easyedit_reference_entries(records: Sequence[dict]) -> List[dict]:
+    """Snippet entries of true sentences of EasyEdit's CounterFact, filed under
+    ``(ANY_RELATION, object string)``: each record's rewrite prompt and neighbourhood prompt completed with
+    ``target_true`` (the loader checked that the neighbourhood's truth is the same). They stand in for ROME's
+    Wikipedia snippets about subjects that have an object, across relations since the format has none;
+    duplicates are dropped, the first kept."""
+    samples: Dict[str, Dict[str, dict]] = {}
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        true = rewrite["target_true"]["str"]
+        sentences = [(rewrite["subject"], rewrite["prompt"].format(rewrite["subject"]))]
+        sentences += [("", prompt) for prompt in record.get("neighborhood_prompts", [])]
+        for name, prompt in sentences:
+            text = f"{prompt} {true}"
+            samples.setdefault(true, {}).setdefault(text, {"name": name, "text": text})
+    return [{"relation_id": ANY_RELATION, "target_id": target, "samples": list(by_text.values())}
+            for target, by_text in samples.items()]
+
+
 def wikitext_paragraphs(path: Union[str, os.PathLike]) -> Iterator[str]:
     """The non-empty, non-heading lines of a raw WikiText file (one paragraph each, like ROME's snippets)."""
     with open(path, encoding="utf-8") as f:
@@ -206,8 +226,6 @@ def easyedit_consistency_resources(
     of ``target_new`` are the sentences of every usable record of both EasyEdit files whose true object is
     that string (``easyedit_reference_entries``), scored with the WikiText+CounterFact tf-idf statistics of
     ``substitute_consistency_resources``."""
-    from dsets.easyedit import EasyEditCounterFactDataset, easyedit_reference_entries
-
     statistics = substitute_consistency_resources(data_dir, stats_dir)
     if statistics.vectors is None:
         return statistics

@@ -20,7 +20,7 @@ The format has no relation_id, target ids, attribute or generation prompts. The 
 texts are therefore generated from the rewrite and paraphrase prompts (MEMIT's generation prompts are
 prompts of the same kind about the subject; the label goes into every case's metrics), and consistency
 compares them with the sentences of records whose true object is ``target_new``
-(``easyedit_reference_entries``, ``dsets.attr_snippets.easyedit_consistency_resources``). Neither number is
+(``dsets.attr_snippets.easyedit_reference_entries``, ``easyedit_consistency_resources``). Neither number is
 comparable with published CounterFact tables.
 
 Dataset names (``--ds_name``): ``cf_easyedit`` is the train file followed by the val file, each in file order
@@ -107,27 +107,6 @@ def convert_easyedit_counterfact_record(raw) -> dict:
         "generation_prompts": [prompt, raw["rephrase_prompt"]],
         "generation_prompts_source": GENERATION_PROMPTS_SOURCE,
     }
-
-
-def easyedit_reference_entries(records: Sequence[dict]) -> List[dict]:
-    """Snippet entries (``dsets.attr_snippets``' format) of true sentences, filed under
-    ``(ANY_RELATION, object string)``: each record's rewrite prompt and neighbourhood prompt completed with
-    ``target_true`` (the loader checked that the neighbourhood's truth is the same). They stand in for ROME's
-    Wikipedia snippets about subjects that have an object, across relations since the format has none;
-    duplicates are dropped, the first kept."""
-    from dsets.attr_snippets import ANY_RELATION
-
-    samples: Dict[str, Dict[str, dict]] = {}
-    for record in records:
-        rewrite = record["requested_rewrite"]
-        true = rewrite["target_true"]["str"]
-        sentences = [(rewrite["subject"], rewrite["prompt"].format(rewrite["subject"]))]
-        sentences += [("", prompt) for prompt in record.get("neighborhood_prompts", [])]
-        for name, prompt in sentences:
-            text = f"{prompt} {true}"
-            samples.setdefault(true, {}).setdefault(text, {"name": name, "text": text})
-    return [{"relation_id": ANY_RELATION, "target_id": target, "samples": list(by_text.values())}
-            for target, by_text in samples.items()]
 
 
 def easyedit_file(split: str, data_dir: Optional[Union[str, os.PathLike]] = None) -> Path:

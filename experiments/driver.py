@@ -17,8 +17,8 @@ import torch
 
 from editing.requests import check_request
 from editing.sequential import SequentialState
-from experiments.algorithms import Algorithm, algorithm_names
-from util.errors import ECEError
+from experiments.algorithms import Algorithm
+from util.errors import RunError
 from util.hparams import HParamsError, HyperParams, parse_overrides, read_hparams_file
 from util.io import atomic_torch_save, atomic_write_json
 from util.paths import get_paths
@@ -38,10 +38,6 @@ RUN_KEYS = ("alg_name", "model_name", "ds_name", "dataset_size_limit", "num_edit
             "generation_protocol", "seed", "downstream_eval_steps")
 # What a run folder written before a setting existed ran with.
 RUN_KEY_DEFAULTS = {"generation_protocol": "greedy"}
-
-
-class RunError(ECEError, RuntimeError):
-    """A run that cannot start or resume as asked; the message says why and what to do."""
 
 
 def set_seed(seed: int) -> None:

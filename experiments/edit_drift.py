@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from editing.layer_stats import load_corpus_text, text_chunks  # noqa: E402
-from experiments.driver import RunError  # noqa: E402
 from util.cli import run_script, script_parser, setup_logging  # noqa: E402
+from util.errors import RunError  # noqa: E402
 from util.hooks import TraceDict  # noqa: E402
 from util.io import atomic_write_json  # noqa: E402
 from util.models import load_model_and_tokenizer, model_device  # noqa: E402

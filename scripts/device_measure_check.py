@@ -22,7 +22,7 @@ EMBEDDED = "smollm2-135m"
 def embedded_weights_ready() -> str:
     """``ready`` when the embedded model loads without the network (its safetensors copy, or its GGUF file and
     the ``gguf`` package to convert it), else why not."""
-    from util.models import EMBEDDED_MODELS, embedded_model_dir
+    from util.model_sources import EMBEDDED_MODELS, embedded_model_dir
     from util.paths import get_paths
 
     models_dir = get_paths().models_dir

@@ -83,7 +83,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
 
 
 def test_the_tokenizer_option_reads_a_local_folder(tmp_path):
-    from util.models import embedded_model_dir
+    from util.model_sources import embedded_model_dir
     from util.random_models import load_random_tokenizer
 
     folder = tmp_path / "tok"
@@ -139,7 +139,7 @@ def run_script(tmp_path, data_dir, **env):
 
 def copy_embedded_tokenizer(folder: Path) -> Path:
     """The embedded model's tokenizer files, without its weights, in ``folder`` (what a device's first call has)."""
-    from util.models import embedded_model_dir
+    from util.model_sources import embedded_model_dir
 
     folder.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):

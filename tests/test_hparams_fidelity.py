@@ -11,7 +11,6 @@ algorithm whose name contains "MEMIT"); RECT's 40% is hard-coded there (memit/me
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@ with two model copies in two threads, as they would run on two GPUs."""
 import copy
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 

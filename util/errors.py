@@ -16,3 +16,7 @@ class SettingError(ECEError, ValueError):
 class RequestError(ECEError, ValueError):
     """An edit request that cannot be edited (no placeholder, empty target, ...); the message names the
     request by its number and subject and says how to fix it."""
+
+
+class RunError(ECEError, RuntimeError):
+    """A run that cannot start or resume as asked; the message says why and what to do."""

@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 import torch
 
 from util.errors import SettingError
+from util.model_sources import EMBEDDED_MODELS, resolve_model_source
+from util.paths import get_paths
 
 LOG = logging.getLogger(__name__)
 
@@ -133,9 +135,6 @@ def tokenizer_source(name: str) -> str:
     """Where a random model's tokenizer is read from. For an embedded model, its cached folder as soon as the
     tokenizer files are there: the weights (hundreds of MB) need not be, which is what lets a machine that
     cannot receive them still build the random models."""
-    from util.models import EMBEDDED_MODELS, resolve_model_source
-    from util.paths import get_paths
-
     if name in EMBEDDED_MODELS:
         folder = get_paths().models_dir / name
         if (folder / "tokenizer.json").exists():

@@ -29,7 +29,7 @@ from editing.context import EditContext
 from editing.round import EditReport, locate_and_edit
 from editing.sequential import SequentialState
 from util.hparams import require
-from util.weights import load_weights, snapshot_weights, weight_parameter
+from util.weights import load_weights, snapshot_weights
 
 LOG = logging.getLogger(__name__)
 
