@@ -522,13 +522,16 @@ def render_comparison(runs: list[dict]) -> str:
                          ppl if stage_name == "final" else "-", glue_text if stage_name == "final" else "-"])
     lines = format_table(headers, rows, left=4)
     unedited = [r["perplexity_unedited"] for r in runs if r.get("perplexity_unedited") is not None]
-    fluency_unedited = {r.get("alg_name") or "?": format_stat(r["stages"]["pre"]["fluency"]) for r in runs
-                        if (r["stages"].get("pre") or {}).get("fluency")}
-    if len(set(fluency_unedited.values())) == 1:  # the same texts: one model, one seed, the same cases
-        fluency_text = f"; fluency of the unedited model: {next(iter(fluency_unedited.values()))}"
+    # Runs of one model, seed and cases share the unedited texts: one value, named once with its runs.
+    fluency_unedited: dict = {}  # formatted value -> names of the runs
+    for r in runs:
+        if (r["stages"].get("pre") or {}).get("fluency"):
+            fluency_unedited.setdefault(format_stat(r["stages"]["pre"]["fluency"]), []).append(r.get("alg_name") or "?")
+    if len(fluency_unedited) == 1:
+        fluency_text = f"; fluency of the unedited model: {next(iter(fluency_unedited))}"
     else:
-        fluency_text = "".join(f"; fluency of the unedited model ({name}'s pre stage): {value}"
-                               for name, value in fluency_unedited.items())
+        fluency_text = "".join(f"; fluency of the unedited model (pre stage of {', '.join(names)}): {value}"
+                               for value, names in fluency_unedited.items())
     lines += ["", "post: each record right after its own round; final: every record on the model after the last "
                   "round. Perplexity on held-out WikiText after the last round"
               + (f" (unedited model: {unedited[0]:.2f})" if unedited else "") + fluency_text

@@ -833,6 +833,20 @@ def test_compare_notes_fluency_over_fewer_cases_and_substitute_prompts(tmp_path:
     assert "Fluency and consistency texts from substitute prompts P." in out
 
 
+def test_compare_names_the_runs_that_share_an_unedited_fluency(tmp_path: Path, capsys):
+    for alg, entropy in (("AlphaEdit", 6.5), ("MEMIT", 6.5), ("ECE_WI", 6.0)):
+        path = _sequential_run(tmp_path, alg, forgets=False) / "1_edits-case_0.json"
+        case = json.loads(path.read_text())
+        case["pre"] = cf_stage([(3.0, 1.0)], [(3.0, 1.0)], [(3.0, 1.0)], ngram_entropy=entropy, text=["u"],
+                               generation_protocol=PUBLISHED_PROTOCOL)
+        path.write_text(json.dumps(case))
+    assert sm.main(["--compare", "AlphaEdit/run_000", "MEMIT/run_000", "ECE_WI/run_000",
+                    f"--results_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "; fluency of the unedited model (pre stage of AlphaEdit, MEMIT): 650.0;" in out
+    assert "; fluency of the unedited model (pre stage of ECE_WI): 600.0;" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--compare", "MEMIT"], "ALG/run_NNN"),
     ([], "either --dir_name"),
