@@ -94,10 +94,13 @@ def gradient_attribution(model, tok, requests, hparams, template_groups, layers:
     names = {l: hparams.rewrite_module(l) for l in layers}
     device = model_device(model)
     rows_out: Dict[int, list] = {l: [] for l in layers}
-    for batch in chunks(list(range(len(templates))), batch_size):
-        prompts = [prompt_ids(tok, templates[i].format(subjects[i])) for i in batch]
+    # Batches of rows of similar length, so that little of each batch is padding (a round's context
+    # templates differ by about ten tokens); the scores go back to the rows' own order below.
+    prompts = [prompt_ids(tok, template.format(subject)) for template, subject in zip(templates, subjects)]
+    by_length = sorted(range(len(templates)), key=lambda i: len(prompts[i]) + len(truths[i]))
+    for batch in chunks(by_length, batch_size):
         wanted = [truths[i] for i in batch]
-        rows = [p + t for p, t in zip(prompts, wanted)]
+        rows = [prompts[i] + truths[i] for i in batch]
         width = max(map(len, rows))
         # Rows are padded on the left: a row's token j sits in column width - len(row) + j.
         fact = torch.tensor([width - len(row) + fact_token_index(tok, templates[i], subjects[i], hparams.fact_token)
@@ -118,7 +121,9 @@ def gradient_attribution(model, tok, requests, hparams, template_groups, layers:
             continue
         for l in layers:
             rows_out[l].append(_integrated_gradients(model, names[l], log_p, fact, ig_steps))
-    return {l: average_over_templates(torch.cat(rows_out[l]), template_groups) for l in layers}
+    in_row_order = torch.argsort(torch.tensor(by_length))
+    return {l: average_over_templates(torch.cat(rows_out[l])[in_row_order.to(rows_out[l][0].device)], template_groups)
+            for l in layers}
 
 
 def _integrated_gradients(model, module_name, log_p, fact, steps: int) -> torch.Tensor:

@@ -184,6 +184,24 @@ def test_gradient_attribution_all_layers_at_once_equals_one_layer_at_a_time(tiny
     assert integrated[1].shape == together[1].shape
 
 
+def test_gradient_attribution_batched_by_length_keeps_each_rows_score(tiny_gpt2, tiny_tok_bos, edit_requests,
+                                                                        ece_hparams):
+    """Rows are batched by length (long and short context templates mixed, requests interleaved); each
+    request's template-averaged score must equal the one of that request scored alone, i.e. the scores
+    return to their own rows."""
+    from ece.explain import gradient_attribution
+
+    hp = ece_hparams("gpt2")
+    templates = [["{}"], ["A long context template made of many words here. {}", "Short. {}"]]
+    layers = hp.layers[:2]
+    batched = gradient_attribution(tiny_gpt2, tiny_tok_bos, edit_requests, hp, templates, layers, batch_size=2)
+    for j, r in enumerate(edit_requests):
+        alone = gradient_attribution(tiny_gpt2, tiny_tok_bos, [r], hp, templates, layers, batch_size=1)
+        for layer in layers:
+            assert torch.allclose(batched[layer][j], alone[layer][0], rtol=1e-3, atol=1e-7)
+    assert not torch.allclose(batched[layers[0]][0], batched[layers[0]][1])  # the requests' scores differ
+
+
 # -- batched target values ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
