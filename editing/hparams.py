@@ -52,6 +52,10 @@ class LocateEditHyperParams(HyperParams):
     # token on every one of its prompts, at this many optimisation steps (ENCORE's most-probable early
     # stopping; its hparams use 2). null: v_stop_loss alone, as MEMIT publishes it.
     v_stop_most_probable_steps: Optional[int] = None
+    # Also stop a request once the mean NLL of its new target over its prompts (the loss's first term alone)
+    # is below this: the edit has taken. v_stop_loss counts the KL and weight-decay terms too, which rarely
+    # let the total fall below 5e-2. null: off, as MEMIT publishes it.
+    v_stop_nll: Optional[float] = None
     context_template_length_params: List[List[int]] = field(default_factory=lambda: [[10, 5]])
     # Speed only, same values: compute the tokens before each fact token once per target loop
     # instead of at every optimisation step (false: the published implementations' cost).
@@ -89,6 +93,8 @@ class LocateEditHyperParams(HyperParams):
         require(self.v_loss_layer >= max(self.layers), source, "v_loss_layer", "must be >= the last edited layer")
         require(self.v_stop_most_probable_steps is None or self.v_stop_most_probable_steps >= 1, source,
                 "v_stop_most_probable_steps", "must be >= 1, or null to stop on v_stop_loss alone")
+        require(self.v_stop_nll is None or self.v_stop_nll > 0, source, "v_stop_nll",
+                "must be > 0, or null to stop on v_stop_loss alone")
         require(self.z_devices is None or (isinstance(self.z_devices, list) and all(_is_device(d) for d in self.z_devices)),
                 source, "z_devices", 'must be a list of device names such as ["cuda:0", "cuda:1"], or null')
         require(not (self.z_compile and self.z_devices and len(self.z_devices) > 1), source, "z_devices",

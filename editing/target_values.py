@@ -17,7 +17,7 @@ stops when its own loss falls below ``v_stop_loss`` or, with ``v_stop_most_proba
 every target token has been the most probable token on every one of the request's prompts at ``k``
 steps, not necessarily consecutive (ENCORE's most-probable early stopping, encore/compute_z.py:167-193 in
 scalable-model-editing/knowledge-editing-regularization, which leaves the first prompt out of the
-check; here every prompt counts). Its delta is then frozen and its rows leave the batch while the
+check; here every prompt counts), or, with ``v_stop_nll``, once the NLL term alone is below that. Its delta is then frozen and its rows leave the batch while the
 others go on. Requests never interact (separate rows, separate deltas; Adam is
 element-wise), so one loop over many requests gives the same values as one loop per request, only with
 fewer, larger forward passes.
@@ -367,6 +367,8 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
                 if hparams.v_stop_most_probable_steps is not None:
                     steps_on_top += active & _target_most_probable(token_log_probs, batch, n).to(delta_device)
                     active &= steps_on_top < hparams.v_stop_most_probable_steps
+                if hparams.v_stop_nll is not None:
+                    active &= nll.to(delta_device) >= hparams.v_stop_nll
             LOG.debug("step %d: loss %s, %d of %d requests still optimising", step,
                       [round(x, 3) for x in loss.detach().tolist()], int(active.sum()), n)
             if not bool(active.any()) or step == hparams.v_num_grad_steps - 1:

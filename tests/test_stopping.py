@@ -65,3 +65,44 @@ def test_batched_loop_stops_each_request_as_alone(run_loop):
 def test_most_probable_steps_must_be_positive(make_hparams):
     with pytest.raises(HParamsError, match="v_stop_most_probable_steps"):
         make_hparams("llama", v_stop_most_probable_steps=0)
+
+
+def _initial_nll(run_loop, request) -> float:
+    """The request's NLL before any update: with one step allowed the loop never updates, so its loss is
+    the NLL alone (KL and weight decay are zero at delta = 0)."""
+    return run_loop([request], 1).losses[0]
+
+
+def test_nll_rule_stops_a_request_at_the_first_step_its_nll_is_below(run_loop):
+    # The tiny model's NLL falls a few percent in its first steps and then stalls.
+    thresholds = [0.94 * _initial_nll(run_loop, request) for request in REQUESTS]
+    taken_steps = []
+    for j, threshold in enumerate(thresholds):
+        one = REQUESTS[j:j + 1]
+        ruled = run_loop(one, MAX_STEPS, v_stop_nll=threshold)
+        taken = ruled.steps[0]
+        taken_steps.append(taken)
+        assert 0 < taken < MAX_STEPS - 1, ruled.steps
+        # Its loss at the stop is the NLL plus the KL and decay terms, which the rule leaves out.
+        fixed = run_loop(one, taken + 1)
+        assert torch.allclose(fixed.targets[0], ruled.targets[0], atol=1e-5)
+        shorter = run_loop(one, taken, v_stop_nll=threshold)
+        assert shorter.steps == [taken - 1]
+        # A looser threshold is reached no later, a stricter one no sooner.
+        assert run_loop(one, MAX_STEPS, v_stop_nll=1.01 * threshold).steps[0] <= taken
+        assert run_loop(one, MAX_STEPS, v_stop_nll=0.99 * threshold).steps[0] >= taken
+    assert max(taken_steps) > 1, taken_steps
+
+
+def test_nll_rule_in_a_batched_loop_stops_each_request_as_alone(run_loop):
+    threshold = 0.93 * min(_initial_nll(run_loop, request) for request in REQUESTS)
+    together = run_loop(REQUESTS, MAX_STEPS, requests_per_loop=None, v_stop_nll=threshold)
+    alone = run_loop(REQUESTS, MAX_STEPS, v_stop_nll=threshold)
+    assert together.loops == 1 and together.steps == alone.steps
+    assert min(alone.steps) < MAX_STEPS - 1, alone.steps
+    assert torch.allclose(together.targets, alone.targets, atol=1e-4, rtol=1e-4)
+
+
+def test_nll_threshold_must_be_positive(make_hparams):
+    with pytest.raises(HParamsError, match="v_stop_nll"):
+        make_hparams("llama", v_stop_nll=0)
