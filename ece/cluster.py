@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from editing.requests import request_name
+from editing.target_values import chunks_by_width
 from util.errors import RequestError
 
 LOG = logging.getLogger(__name__)
@@ -97,12 +98,18 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return np.array([mapping.setdefault(label, len(mapping)) for label in labels.tolist()], dtype=int)
 
 
-def optimisation_loops(labels: np.ndarray, z_batch_size: Optional[int]) -> List[List[int]]:
+def optimisation_loops(labels: np.ndarray, z_batch_size: Optional[int],
+                       widths: Optional[Sequence[int]] = None) -> List[List[int]]:
     """Request indices of each target-value loop: one per cluster, split into chunks of at most
-    ``z_batch_size`` requests (bounding memory)."""
+    ``z_batch_size`` requests (bounding memory). With ``widths`` (per-request deltas only; a shared
+    delta's members must stay as planned) each cluster is split in order of its rows' widths
+    (``chunks_by_width``), so that loop-mates pad little."""
     loops = []
     for label in sorted(set(labels.tolist())):
         members = [i for i, l in enumerate(labels.tolist()) if l == label]
+        if widths is not None:
+            loops += chunks_by_width(members, widths, z_batch_size)
+            continue
         size = z_batch_size or len(members)
         loops += [members[i : i + size] for i in range(0, len(members), size)]
     return loops

@@ -39,7 +39,7 @@ from editing.context import EditContext
 from editing.keys import states_at_fact_tokens
 from editing.round import EditReport, locate_and_edit, timed
 from editing.sequential import SequentialState
-from editing.target_values import TargetValues, default_requests_per_loop
+from editing.target_values import TargetValues, default_requests_per_loop, step_widths
 from editing.update import Solver, least_squares_delta, spread_update_over_layers
 
 LOG = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ class ECERound:
             self.own_sets = [select_neurons(row, threshold) for row in first]
         with timed(seconds, "cluster"):
             self.labels = self.cluster_labels(width=first.shape[1])
-            self.loops = optimisation_loops(self.labels, loop_size(model, hparams))
+            widths = None if hparams.z_mode == "shared" else step_widths(tok, requests, hparams.fact_token)
+            self.loops = optimisation_loops(self.labels, loop_size(model, hparams), widths)
         LOG.info("ECE_%s: %d requests in %d clusters (%d loops); layers scored %s", method, len(requests),
                  int(self.labels.max()) + 1 if len(self.labels) else 0, len(self.loops),
                  "in the layer loop, after the earlier layers' update" if self.scored_in_loop else "before the update")

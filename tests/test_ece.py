@@ -89,6 +89,10 @@ def test_optimisation_loops_split_large_clusters():
     labels = np.array([0, 1, 0, 0, 1, 0, 0])
     assert optimisation_loops(labels, None) == [[0, 2, 3, 5, 6], [1, 4]]
     assert optimisation_loops(labels, 2) == [[0, 2], [3, 5], [6], [1, 4]]
+    # With widths a cluster is split among members of like width; it never mixes clusters.
+    widths = [7, 3, 2, 7, 9, 2, 5]
+    assert optimisation_loops(labels, 2, widths) == [[2, 5], [6, 0], [3], [1, 4]]
+    assert optimisation_loops(labels, None, widths) == optimisation_loops(labels, None)
 
 
 def separated_neuron_sets(groups: int = 2, per_group: int = 4) -> list:

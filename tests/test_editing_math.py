@@ -6,7 +6,8 @@ import torch
 from editing.context import EditContext
 from editing.keys import compute_keys, states_at_fact_tokens
 from editing.layer_stats import load_corpus_text, load_or_compute_second_moments, stats_file, text_chunks
-from editing.target_values import compute_target_values
+from editing.target_values import chunks_by_width, compute_target_values, step_widths
+from util.tokens import prompt_ids, target_ids
 from editing.update import least_squares_delta, spread_update_over_layers
 from rome.rome_main import ROMEHyperParams, apply_rome_to_model
 from util.weights import read_weight
@@ -74,6 +75,46 @@ def test_batched_target_values_equal_one_request_at_a_time(request, arch, tiny_t
     # The clamp bounds every delta.
     norms = (together.targets - together.initial).norm(dim=1)
     assert (norms <= hp.clamp_norm_factor * together.initial.norm(dim=1) + 1e-4).all()
+
+
+def test_chunks_by_width_puts_rows_of_like_width_together():
+    widths = [5, 2, 5, 3, 2, 4]
+    assert chunks_by_width(range(6), widths, 2) == [[1, 4], [3, 5], [0, 2]]
+    assert chunks_by_width([5, 0, 3], widths, 3) == [[5, 0, 3]]  # one loop: the order as given
+    assert chunks_by_width([5, 0, 3], widths, None) == [[5, 0, 3]]
+    assert chunks_by_width([], widths, 2) == []
+
+
+def test_step_widths_count_the_tokens_from_the_fact_token_on(tiny_tok):
+    requests = [{"prompt": "{} plays the", "subject": "Miles Davis", "target_new": {"str": "piano music"}},
+                {"prompt": "{} is in", "subject": "Paris", "target_new": {"str": "Rome"}}]
+    widths = step_widths(tiny_tok, requests, "subject_last")
+    for request, width in zip(requests, widths):
+        prompt = prompt_ids(tiny_tok, request["prompt"].format(request["subject"]))
+        through_subject = prompt_ids(tiny_tok, request["subject"])
+        target = target_ids(tiny_tok, request["target_new"]["str"])
+        # The subject's last token, the rest of the prompt, and every target token but the last.
+        assert width == 1 + (len(prompt) - len(through_subject)) + len(target) - 1
+    # Keyed on the prompt's last token: that token and the target's tokens but the last.
+    assert step_widths(tiny_tok, requests, "last") == [len(target_ids(tiny_tok, r["target_new"]["str"])) for r in requests]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_loops_of_a_size_group_requests_by_width_with_the_values_of_one_loop_each(request, arch, tiny_tok,
+                                                                                  edit_requests, context_templates,
+                                                                                  make_hparams):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    hp = make_hparams(arch)
+    requests = edit_requests + [{**edit_requests[0], "case_id": 3, "prompt": "{} is, as everyone knows, a citizen of"}]
+    widths = step_widths(tiny_tok, requests, hp.fact_token)
+    paired = compute_target_values(model, tiny_tok, requests, hp, context_templates, z_layer=2, requests_per_loop=2)
+    alone = compute_target_values(model, tiny_tok, requests, hp, context_templates, z_layer=2, requests_per_loop=1)
+    loops = [[i for i in range(len(requests)) if paired.loop_of[i] == k] for k in range(paired.loops)]
+    assert loops == chunks_by_width(range(len(requests)), widths, 2)
+    assert max(widths[i] for i in loops[0]) <= min(widths[i] for i in loops[1])
+    assert loops != [[0, 1], [2, 3]]  # not the consecutive chunks
+    assert paired.steps == alone.steps
+    assert torch.allclose(paired.targets, alone.targets, atol=1e-4, rtol=1e-4)
 
 
 def test_requests_stop_on_their_own(tiny_llama, tiny_tok, edit_requests, context_templates, make_hparams):
@@ -260,8 +301,6 @@ def test_context_templates_count_tokens_as_generate_fast_does(tiny_gpt2, tiny_to
     groups = context_module.generate_context_templates(tiny_gpt2, tiny_tok, lengths, seed=0, style=style)
     assert groups[0] == ["{}"] and [len(g) for g in groups[1:]] == [count for _, count in lengths]
     assert all(t.endswith(". {}") and t.count("{}") == 1 for g in groups[1:] for t in g)
-    from util.tokens import prompt_ids
-
     seeds = sorted(p for prompts, _ in asked for p in prompts)
     if style == "memit":
         assert seeds == sorted(["The", "Therefore", "Because", "I", "You"])
