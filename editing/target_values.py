@@ -17,10 +17,10 @@ stops when its own loss falls below ``v_stop_loss`` or, with ``v_stop_most_proba
 every target token has been the most probable token on every one of the request's prompts at ``k``
 steps, not necessarily consecutive (ENCORE's most-probable early stopping, encore/compute_z.py:167-193 in
 scalable-model-editing/knowledge-editing-regularization, which leaves the first prompt out of the
-check; here every prompt counts), or, with ``v_stop_nll``, once the NLL term alone is below that. Its delta is then frozen and its rows leave the batch while the
-others go on. Requests never interact (separate rows, separate deltas; Adam is
-element-wise), so one loop over many requests gives the same values as one loop per request, only with
-fewer, larger forward passes.
+check; here every prompt counts), or, with ``v_stop_nll``, once the NLL term alone is below that. Its
+delta is then frozen and its rows leave the batch while the others go on. Requests never interact
+(separate rows, separate deltas; Adam is element-wise), so one loop over many requests gives the same
+values as one loop per request, only with fewer, larger forward passes.
 
 Tokens before the fact token do not depend on any delta (the model is causal), so by default their
 keys and values are computed once, before the loop, and every step runs only the rest of each row
@@ -250,9 +250,9 @@ def step_widths(tok, requests, fact_token: str) -> List[int]:
 def chunks_by_width(members: Sequence[int], widths: Sequence[int], size: Optional[int]) -> List[List[int]]:
     """``members`` in loops of at most ``size``, ordered by width (stable), so that the rows of one loop
     are alike in length and carry little padding: on the first 100 CounterFact requests in loops of 10,
-    35% of the token slots of a step are padding in consecutive chunks and 12% in chunks by width. Requests with their own deltas never interact, so
-    which ones share a loop changes their values only by float rounding. Members that fit one loop keep
-    their order."""
+    35% of the token slots of a step are padding in consecutive chunks and 12% in chunks by width.
+    Requests with their own deltas never interact, so which ones share a loop changes their values only
+    by float rounding. Members that fit one loop keep their order."""
     members = list(members)
     if size is None or len(members) <= size:
         return [members] if members else []

@@ -96,7 +96,8 @@ def test_step_widths_count_the_tokens_from_the_fact_token_on(tiny_tok):
         # The subject's last token, the rest of the prompt, and every target token but the last.
         assert width == 1 + (len(prompt) - len(through_subject)) + len(target) - 1
     # Keyed on the prompt's last token: that token and the target's tokens but the last.
-    assert step_widths(tiny_tok, requests, "last") == [len(target_ids(tiny_tok, r["target_new"]["str"])) for r in requests]
+    target_lengths = [len(target_ids(tiny_tok, r["target_new"]["str"])) for r in requests]
+    assert step_widths(tiny_tok, requests, "last") == target_lengths
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
