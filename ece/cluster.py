@@ -103,13 +103,9 @@ def optimisation_loops(labels: np.ndarray, z_batch_size: Optional[int],
     """Request indices of each target-value loop: one per cluster, split into chunks of at most
     ``z_batch_size`` requests (bounding memory). With ``widths`` (per-request deltas only; a shared
     delta's members must stay as planned) each cluster is split in order of its rows' widths
-    (``chunks_by_width``), so that loop-mates pad little."""
+    (``chunks_by_width``), so that loop-mates pad little; without, in the order of the requests."""
     loops = []
     for label in sorted(set(labels.tolist())):
         members = [i for i, l in enumerate(labels.tolist()) if l == label]
-        if widths is not None:
-            loops += chunks_by_width(members, widths, z_batch_size)
-            continue
-        size = z_batch_size or len(members)
-        loops += [members[i : i + size] for i in range(0, len(members), size)]
+        loops += chunks_by_width(members, widths, z_batch_size)
     return loops

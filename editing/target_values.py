@@ -247,16 +247,17 @@ def step_widths(tok, requests, fact_token: str) -> List[int]:
             - 1 - fact_token_index(tok, r["prompt"], r["subject"], fact_token) for r in requests]
 
 
-def chunks_by_width(members: Sequence[int], widths: Sequence[int], size: Optional[int]) -> List[List[int]]:
-    """``members`` in loops of at most ``size``, ordered by width (stable), so that the rows of one loop
-    are alike in length and carry little padding: on the first 100 CounterFact requests in loops of 10,
-    35% of the token slots of a step are padding in consecutive chunks and 12% in chunks by width.
-    Requests with their own deltas never interact, so which ones share a loop changes their values only
-    by float rounding. Members that fit one loop keep their order."""
+def chunks_by_width(members: Sequence[int], widths: Optional[Sequence[int]], size: Optional[int]) -> List[List[int]]:
+    """``members`` in loops of at most ``size`` (``None``: one loop), ordered by width (stable), so that the
+    rows of one loop are alike in length and carry little padding: on the first 100 CounterFact requests in
+    loops of 10, 35% of the token slots of a step are padding in consecutive chunks and 12% in chunks by
+    width. Requests with their own deltas never interact, so which ones share a loop changes their values
+    only by float rounding. ``widths=None`` (shared deltas, whose plan decides their values) keeps the
+    given order, as do members that fit one loop."""
     members = list(members)
     if size is None or len(members) <= size:
         return [members] if members else []
-    return list(chunks(sorted(members, key=lambda i: widths[i]), size))
+    return list(chunks(members if widths is None else sorted(members, key=lambda i: widths[i]), size))
 
 
 def compute_target_values(
@@ -276,11 +277,8 @@ def compute_target_values(
     """
     requests = list(requests)
     if loops is None:
-        if shared_delta:
-            loops = list(chunks(list(range(len(requests))), requests_per_loop or max(len(requests), 1)))
-        else:
-            loops = chunks_by_width(range(len(requests)), step_widths(tok, requests, hparams.fact_token),
-                                    requests_per_loop)
+        widths = None if shared_delta else step_widths(tok, requests, hparams.fact_token)
+        loops = chunks_by_width(range(len(requests)), widths, requests_per_loop)
     order = [i for loop in loops for i in loop]
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")

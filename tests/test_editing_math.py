@@ -7,9 +7,9 @@ from editing.context import EditContext
 from editing.keys import compute_keys, states_at_fact_tokens
 from editing.layer_stats import load_corpus_text, load_or_compute_second_moments, stats_file, text_chunks
 from editing.target_values import chunks_by_width, compute_target_values, step_widths
-from util.tokens import prompt_ids, target_ids
 from editing.update import least_squares_delta, spread_update_over_layers
 from rome.rome_main import ROMEHyperParams, apply_rome_to_model
+from util.tokens import prompt_ids, target_ids
 from util.weights import read_weight
 
 from baselines.memit import apply_memit_to_model
@@ -83,6 +83,7 @@ def test_chunks_by_width_puts_rows_of_like_width_together():
     assert chunks_by_width([5, 0, 3], widths, 3) == [[5, 0, 3]]  # one loop: the order as given
     assert chunks_by_width([5, 0, 3], widths, None) == [[5, 0, 3]]
     assert chunks_by_width([], widths, 2) == []
+    assert chunks_by_width(range(6), None, 4) == [[0, 1, 2, 3], [4, 5]]  # no widths: the order as given
 
 
 def test_step_widths_count_the_tokens_from_the_fact_token_on(tiny_tok):

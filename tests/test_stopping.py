@@ -83,7 +83,7 @@ def test_nll_rule_stops_a_request_at_the_first_step_its_nll_is_below(run_loop):
         taken = ruled.steps[0]
         taken_steps.append(taken)
         assert 0 < taken < MAX_STEPS - 1, ruled.steps
-        # Its loss at the stop is the NLL plus the KL and decay terms, which the rule leaves out.
+        # Without the rule, exactly as many updates give the same value: stopping froze the delta.
         fixed = run_loop(one, taken + 1)
         assert torch.allclose(fixed.targets[0], ruled.targets[0], atol=1e-5)
         shorter = run_loop(one, taken, v_stop_nll=threshold)
