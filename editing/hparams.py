@@ -67,6 +67,13 @@ class LocateEditHyperParams(HyperParams):
     # torch.compile'd code (inductor, dynamic shapes). On the 2-core CPU a round of 100 ECE_WI edits on
     # smollm2-135m runs 9.5% faster once compiled; the first round pays the compilation (80-160 s there).
     z_compile: bool = False
+    # The precision of the target loop's matrix products in the layers above the edit and the output head
+    # (null: the model's own). "bfloat16": weights cast once per loop, every product rounded to bfloat16, while
+    # the residual stream, attention, norms, the delta, the losses and the unedited values keep the model's
+    # dtype. "auto": bfloat16 for a float32 model where the device multiplies bfloat16 natively (a CPU with
+    # AMX, amx_bf16 in lscpu, where those products run 6x faster; a GPU with bfloat16), else null. Target
+    # values move by bfloat16 rounding: not a speed-only setting (edit quality measured in docs/RESULTS.md).
+    z_dtype: Optional[str] = None
     # Speed only, same values: spread the target loops over these devices, e.g. ["cuda:0", "cuda:1"]; each
     # holds a full copy of the model (refreshed every round) and runs its share of the loops in a thread of
     # its own. With fewer loops than devices, each loop is split (per-request deltas only). null: the
@@ -99,6 +106,8 @@ class LocateEditHyperParams(HyperParams):
                 source, "z_devices", 'must be a list of device names such as ["cuda:0", "cuda:1"], or null')
         require(not (self.z_compile and self.z_devices and len(self.z_devices) > 1), source, "z_devices",
                 "cannot be combined with z_compile yet (compiled code is not shared between threads); set one of them")
+        require(self.z_dtype in (None, "auto", "float32", "bfloat16", "float16"), source, "z_dtype",
+                "must be auto, float32, bfloat16 or float16, or null for the model's dtype")
         require(self.clamp_norm_factor > 0, source, "clamp_norm_factor", "must be > 0")
         require(self.mom2_n_samples >= 1, source, "mom2_n_samples", "must be >= 1")
         require(self.mom2_keys_per_dimension is None or self.mom2_keys_per_dimension > 0, source,

@@ -45,7 +45,7 @@ import torch
 
 from editing.keys import expand_templates, fact_token_index
 from editing.replicas import assign_loops, loop_devices, replicas_for, split_for_devices
-from util.hooks import Trace, compiled_modules, get_module, skip_modules
+from util.hooks import Trace, compiled_modules, get_module, low_precision_products, skip_modules
 from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids, target_ids
 
@@ -63,6 +63,27 @@ CPU_REQUESTS_PER_LOOP = 10
 def default_requests_per_loop(model) -> Optional[int]:
     """Requests per target loop for the model's device: ``CPU_REQUESTS_PER_LOOP`` on a CPU, all on a GPU."""
     return CPU_REQUESTS_PER_LOOP if model_device(model).type == "cpu" else None
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Does ``device`` multiply bfloat16 matrices natively (a GPU that supports it, a CPU with AMX tiles)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def products_dtype(z_dtype: Optional[str], model) -> Optional[torch.dtype]:
+    """The dtype of the target loop's matrix products, or ``None`` for the model's own. ``"auto"``: bfloat16
+    for a float32 model on a device with fast bfloat16 products (``fast_bfloat16``), else the model's own."""
+    model_dtype = next(model.parameters()).dtype
+    if z_dtype == "auto":
+        use_bfloat16 = model_dtype == torch.float32 and fast_bfloat16(model_device(model))
+        dtype = torch.bfloat16 if use_bfloat16 else None
+    else:
+        dtype = getattr(torch, z_dtype) if z_dtype else None
+    return None if dtype == model_dtype else dtype
 
 
 @dataclass
@@ -283,6 +304,9 @@ def compute_target_values(
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
+    if products_dtype(hparams.z_dtype, model) is not None:
+        LOG.info("target loops: products above the edit in %s (z_dtype=%s)", products_dtype(hparams.z_dtype, model),
+                 hparams.z_dtype)
     run_loop = lambda on_model, loop: _optimise(on_model, tok, [requests[i] for i in loop], hparams, templates,
                                                 z_layer, shared_delta, prefix_cache, edit_module)
     devices = loop_devices(model, hparams.z_devices or [])
@@ -312,9 +336,17 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     ln_f = get_module(model, hparams.ln_f_module)
     unembed = model.get_output_embeddings()
     head_device = unembed.weight.device
+    # With z_dtype, the layers above the edit (those the delta reaches) compute their products in that dtype,
+    # the prefix pass included, and so does the output head (its weight cast once here). The unedited
+    # output at the edit, from the layers below, keeps the model's precision.
+    compute_dtype = products_dtype(hparams.z_dtype, model)
+    layers_above = [hparams.layer_module(i) for i in range(z_layer + 1, hparams.v_loss_layer + 1)]
+    low_precision = lambda: (low_precision_products(model, layers_above, compute_dtype)
+                             if compute_dtype is not None else nullcontext())
     batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
     if prefix_cache:
-        batch = _with_prefix_cache(model, tok, batch)
+        with low_precision():
+            batch = _with_prefix_cache(model, tok, batch)
     # Nothing up to the edited module depends on the delta: the decoder layers up to z_layer when the
     # delta goes on that layer's output, up to the one before when it goes inside the layer.
     top_unchanged = z_layer if edit_module == hparams.layer_module(z_layer) else z_layer - 1
@@ -344,16 +376,24 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
         rows = torch.arange(len(positions), device=hidden.device)
         return hidden.index_put((rows, positions), addition, accumulate=True)
 
+    head_weight = unembed.weight.to(compute_dtype) if compute_dtype is not None else None
+
     def log_probs_at(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         selected = hidden[rows.to(hidden.device), positions.to(hidden.device)]
         selected = selected.to(ln_f.weight.device if hasattr(ln_f, "weight") else selected.device)
-        logits = unembed(ln_f(selected).to(head_device))
+        normed = ln_f(selected).to(head_device)
+        if head_weight is None:
+            logits = unembed(normed)
+        else:
+            bias = unembed.bias.to(compute_dtype) if getattr(unembed, "bias", None) is not None else None
+            logits = torch.nn.functional.linear(normed.to(compute_dtype), head_weight, bias)
         return torch.log_softmax(logits.float(), dim=-1)
 
     # The layers every step runs (above the cached ones), as compiled code with z_compile.
     first_run = len(layers_below) if batch.below is not None else 0
     layers_run = [hparams.layer_module(i) for i in range(first_run, hparams.v_loss_layer + 1)]
     with ExitStack() as compiled:
+        compiled.enter_context(low_precision())
         if hparams.z_compile:
             compiled.enter_context(compiled_modules(model, layers_run))
         for step in range(hparams.v_num_grad_steps):

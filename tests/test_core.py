@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editing.keys import fact_token_index, states_at_fact_tokens
-from util.hooks import Trace, TraceDict
+from util.hooks import Trace, TraceDict, low_precision_products
 from util.hparams import HParamsError
 from util.models import ModelNotFoundError, load_model_and_tokenizer, parse_dtype
 from util.paths import REPO_ROOT
@@ -55,6 +55,32 @@ def test_weight_orientation_is_handled_in_one_place(request, fixture, down):
     assert torch.allclose(module(x) - before, x @ delta.T, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
         add_to_weight(model, name, delta.T)
+
+
+@pytest.mark.parametrize("fixture,block", [("tiny_gpt2", "transformer.h.{}"), ("tiny_llama", "model.layers.{}")])
+def test_low_precision_products_round_only_the_products(request, tiny_tok, fixture, block):
+    """Inside low_precision_products the blocks' products run in bfloat16 (outputs move by bfloat16
+    rounding, not more), the hidden states stay float32, and afterwards the model computes exactly as
+    before with its weights untouched."""
+    model = request.getfixturevalue(fixture)
+    ids = torch.tensor([tiny_tok("The tower is in Paris")["input_ids"]])
+    names = [block.format(i) for i in (2, 3)]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with Trace(model, names[-1]) as exact:
+        model(input_ids=ids)
+    with low_precision_products(model, names, torch.bfloat16), Trace(model, names[-1]) as low:
+        model(input_ids=ids)
+    assert low.output.dtype == torch.float32
+    difference = (low.output - exact.output).norm() / exact.output.norm()
+    assert 1e-5 < difference < 3e-2  # bfloat16 has 8 bits of mantissa: rounded, not broken
+    with Trace(model, block.format(1)) as below_exact, Trace(model, names[-1]) as again:
+        model(input_ids=ids)
+    assert torch.equal(again.output, exact.output)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with low_precision_products(model, names, torch.bfloat16), Trace(model, block.format(1)) as below_low:
+        model(input_ids=ids)
+    assert torch.equal(below_low.output, below_exact.output)  # layers not named keep their precision
 
 
 @pytest.mark.parametrize("tok_fixture", ["tiny_tok", "tiny_tok_bos"])

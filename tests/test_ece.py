@@ -529,6 +529,45 @@ def test_compiled_layers_give_the_same_target_values(arch, request, more_request
     assert all("forward" not in get_module(model, hp.layer_module(i)).__dict__ for i in range(4))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_low_precision_target_loop_keeps_the_unedited_values(arch, request, more_requests, context_templates,
+                                                             ece_hparams):
+    """z_dtype=bfloat16 runs the products of the layers above the edit in bfloat16: the unedited values at the
+    edit are float32-exact, the optimised shifts and losses move by bfloat16 rounding (not more), and the
+    model's weights are untouched."""
+    model = request.getfixturevalue(f"tiny_{arch}")
+    tok = request.getfixturevalue("tiny_tok")
+    hp = ece_hparams(arch, v_num_grad_steps=6, v_stop_loss=0.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = compute_target_values(model, tok, more_requests, hp, context_templates, z_layer=2, requests_per_loop=3)
+    low = compute_target_values(model, tok, more_requests, replace(hp, z_dtype="bfloat16"), context_templates,
+                                z_layer=2, requests_per_loop=3)
+    assert low.targets.dtype == torch.float32 and torch.equal(low.initial, exact.initial)
+    shift_exact, shift_low = exact.targets - exact.initial, low.targets - low.initial
+    relative = (shift_low - shift_exact).norm(dim=1) / shift_exact.norm(dim=1)
+    assert float(relative.max()) < 0.1 and float(relative.max()) > 1e-5
+    assert low.losses == pytest.approx(exact.losses, rel=1e-2) and low.steps == exact.steps
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    with pytest.raises(HParamsError, match="z_dtype"):
+        replace(hp, z_dtype="int8").validate("test")
+
+
+def test_automatic_product_dtype_follows_the_device(tiny_llama, monkeypatch):
+    """z_dtype=auto: bfloat16 products for a float32 model where the device multiplies bfloat16 natively,
+    the model's own precision elsewhere and for a model that is not float32; null never changes it."""
+    import editing.target_values as target_values
+
+    for fast in (True, False):
+        monkeypatch.setattr(target_values, "fast_bfloat16", lambda device, fast=fast: fast)
+        assert target_values.products_dtype("auto", tiny_llama) == (torch.bfloat16 if fast else None)
+        assert target_values.products_dtype(None, tiny_llama) is None
+        assert target_values.products_dtype("float32", tiny_llama) is None
+    half = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    monkeypatch.setattr(target_values, "fast_bfloat16", lambda device: True)
+    assert target_values.products_dtype("auto", half) is None
+    assert target_values.products_dtype("float32", half) == torch.float32
+
+
 PAPER_VALUES = {  # DESIGN.md / the ECE paper: layers, lambda, v_lr, steps, loss layer
     "gpt2-xl": ([13, 14, 15, 16, 17], 20000, 0.5, 20, 47),
     "Llama3-8B": ([4, 5, 6, 7, 8], 15000, 0.1, 25, 31),

@@ -170,6 +170,23 @@ def compiled_modules(model: torch.nn.Module, names: Sequence[str]):
         yield
 
 
+@contextlib.contextmanager
+def low_precision_products(model: torch.nn.Module, names: Sequence[str], dtype: torch.dtype):
+    """Inside the block, every matrix-product layer within the modules ``names`` (``nn.Linear``, GPT-2's
+    ``Conv1D``) computes its product in ``dtype`` (weights cast once here, not at every call) and hands on
+    its output in the input's dtype, so attention, norms and activations keep the model's precision. The
+    model's weights are not touched."""
+    from util.weights import as_linear, product_modules  # util.weights imports this module
+
+    def forward_of(module):
+        weight, bias = (None if t is None else t.detach().to(dtype).contiguous() for t in as_linear(module))
+        return lambda x: torch.nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+    products = [f"{name}.{child}" if child else name for name in names for child in product_modules(get_module(model, name))]
+    with _forwards_replaced(model, products, forward_of):
+        yield
+
+
 class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     """Trace several modules at once; ``stop=True`` stops after the last of ``layers`` in forward order."""
 

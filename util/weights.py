@@ -22,6 +22,19 @@ def _stores_transposed(module: torch.nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def product_modules(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """The matrix-product layers inside ``module`` (``nn.Linear`` and GPT-2's ``Conv1D``), by relative name."""
+    return {name: child for name, child in module.named_modules()
+            if isinstance(child, torch.nn.Linear) or _stores_transposed(child)}
+
+
+def as_linear(module: torch.nn.Module):
+    """``(weight [d_out, d_in], bias or None)`` of a product layer, so that ``F.linear(x, weight, bias)``
+    computes its forward."""
+    weight = module.weight.T if _stores_transposed(module) else module.weight
+    return weight, module.bias
+
+
 def weight_parameter(model: torch.nn.Module, module_name: str) -> torch.nn.Parameter:
     module = get_module(model, module_name)
     if not hasattr(module, "weight"):
