@@ -11,6 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from editing.prefixes import after_prefixes, context_texts, shared_prefixes
 from util.hooks import TraceDict
 from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids
@@ -54,24 +55,33 @@ def states_at_fact_tokens(
     inputs_of: Sequence[str] = (),
     outputs_of: Sequence[str] = (),
     batch_size: int = 64,
+    contexts: Sequence[str] = (),
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Inputs of ``inputs_of`` and outputs of ``outputs_of`` at the fact token of each prompt.
 
     One forward per batch for all modules, stopping after the last of them, over each prompt's tokens up
-    to its fact token only: in a causal model the tokens after it change nothing there. Returns two dicts
-    ``{module: [n_prompts, d]}`` (inputs, outputs), each tensor on its module's device.
+    to its fact token only: in a causal model the tokens after it change nothing there. ``contexts``: texts
+    that prompts begin with (``editing.prefixes.context_texts``), run once for all of them. Returns two
+    dicts ``{module: [n_prompts, d]}`` (inputs, outputs), each tensor on its module's device.
     """
     device = model_device(model)
     pairs = list(zip(templates, subjects))
     names = list(dict.fromkeys(list(inputs_of) + list(outputs_of)))
     inputs: Dict[str, List[torch.Tensor]] = {name: [] for name in inputs_of}
     outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in outputs_of}
+    shared = shared_prefixes(model, tok, contexts, device)
     for batch in chunks(pairs, batch_size):
         index = torch.tensor([fact_token_index(tok, t, s, fact_token) for t, s in batch])
         rows = [prompt_ids(tok, t.format(s))[: int(i) + 1] for (t, s), i in zip(batch, index)]
-        ids, mask = pad_batch(tok, rows, device=device)
+        if shared is None:
+            ids, mask = pad_batch(tok, rows, device=device)
+            kwargs = {"input_ids": ids, "attention_mask": mask, **hidden_states_only_kwargs(model)}
+        else:  # the fact token itself is never part of a shared prefix
+            cut = after_prefixes(tok, rows, shared, device, within=index.tolist())
+            kwargs = {**hidden_states_only_kwargs(model), **cut.forward_kwargs(model)}
+            index = index - torch.tensor(cut.covered)
         with TraceDict(model, names, retain_input=bool(inputs_of), retain_output=bool(outputs_of), stop=True) as traces:
-            model(input_ids=ids, attention_mask=mask, **hidden_states_only_kwargs(model))
+            model(**kwargs)
         for store, attr in ((inputs, "input"), (outputs, "output")):
             for name in store:
                 value = getattr(traces[name], attr)
@@ -98,7 +108,8 @@ def compute_keys(model, tok, requests, hparams, layers: Sequence[int], template_
     """
     templates, subjects = request_templates(requests, template_groups)
     names = [hparams.rewrite_module(layer) for layer in layers]
-    states, _ = states_at_fact_tokens(model, tok, templates, subjects, hparams.fact_token, inputs_of=names)
+    states, _ = states_at_fact_tokens(model, tok, templates, subjects, hparams.fact_token, inputs_of=names,
+                                      contexts=context_texts([t for group in template_groups for t in group]))
     return {layer: average_over_templates(states[name], template_groups) for layer, name in zip(layers, names)}
 
 

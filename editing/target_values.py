@@ -44,10 +44,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from editing.keys import expand_templates, fact_token_index
+from editing.prefixes import SharedPrefixes, after_prefixes, cache_kwargs, context_texts, model_cache, shared_prefixes
 from editing.replicas import assign_loops, loop_devices, replicas_for, split_for_devices
 from util.hooks import Trace, compiled_modules, get_module, low_precision_products, skip_modules
 from util.models import hidden_states_only_kwargs, model_device
-from util.tokens import chunks, pad_batch, prompt_ids, target_ids
+from util.tokens import chunks, pad_batch, pad_token_id, prompt_ids, target_ids
 
 LOG = logging.getLogger(__name__)
 
@@ -189,40 +190,39 @@ def _build_batch(tok, requests, templates: Sequence[str], fact_token: str, devic
     )
 
 
-def _cache_argument(model) -> str:
-    import inspect
-
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 @torch.no_grad()
-def _with_prefix_cache(model, tok, batch: _Batch) -> _Batch:
+def _with_prefix_cache(model, tok, batch: _Batch, shared: Optional[SharedPrefixes] = None) -> _Batch:
     """Run every row's tokens before its fact token once and keep their keys and values; the batch then
-    holds only the tokens from the fact token on. Unchanged when a fact token is a row's first token."""
-    from transformers import DynamicCache
-
+    holds only the tokens from the fact token on. A row that begins with one of the ``shared`` contexts
+    takes that context's keys and values and runs only the tokens after it. Unchanged when a fact token
+    is a row's first token."""
     prefix_len = batch.fact_positions
     if int(prefix_len.min()) < 1:
         return batch
+    device = prefix_len.device
     lengths = batch.attention_mask.sum(1)
-    width, rest = int(prefix_len.max()), int((lengths - prefix_len).max())
-    pad = batch.input_ids.new_full((), tok.pad_token_id if tok.pad_token_id is not None else 0)
-    columns = torch.arange(width, device=prefix_len.device)[None]
-    prefix_mask = (columns < prefix_len[:, None]).long()
-    prefix_ids = torch.where(prefix_mask.bool(), batch.input_ids[:, :width], pad)
-    positions = prefix_len[:, None] + torch.arange(rest, device=prefix_len.device)[None]
+    rest = int((lengths - prefix_len).max())
+    pad = batch.input_ids.new_full((), pad_token_id(tok))
+    positions = prefix_len[:, None] + torch.arange(rest, device=device)[None]
     suffix_mask = (positions < lengths[:, None]).long()
     gathered = batch.input_ids.gather(1, positions.clamp(max=batch.input_ids.shape[1] - 1))
     suffix_ids = torch.where(suffix_mask.bool(), gathered, pad)
+    rows = [row[:p] for row, p in zip(batch.input_ids.tolist(), prefix_len.tolist())]
     # The decoder alone: only the keys and values are needed, not the output head.
-    out = model.get_decoder()(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
-    cache = out.get("cache", None) or out.get("past_key_values", None)  # transformers 5 / 4 names
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(f"{type(model).__name__} returned no DynamicCache to reuse; set \"z_prefix_cache\": false in the hparams file")
+    decoder = model.get_decoder()
+    if shared is None:
+        prefix_ids, prefix_mask = pad_batch(tok, rows, device=device)
+        prefix = model_cache(decoder(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True))
+    else:
+        cut = after_prefixes(tok, rows, shared, device)
+        prefix_mask = torch.cat([cut.past_mask.to(device), cut.own_mask], 1)
+        if cut.input_ids.shape[1] == 0:  # every prefix is a shared context
+            prefix = cut.past
+        else:
+            prefix = model_cache(decoder(**cut.forward_kwargs(decoder)))
     return replace(
         batch, input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask, suffix_mask], 1), position_ids=positions,
-        prefix=[(layer.keys, layer.values) for layer in cache.layers], prefix_width=width,
+        prefix=prefix, prefix_width=prefix_mask.shape[1],
         fact_positions=torch.zeros_like(prefix_len),
         token_positions=batch.token_positions - prefix_len[batch.token_rows],
         kl_positions=batch.kl_positions - prefix_len[batch.kl_rows],
@@ -240,10 +240,7 @@ def _with_output_below(model, batch: _Batch, layer_name: str) -> _Batch:
 def _forward_kwargs(model, batch: _Batch) -> dict:
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **hidden_states_only_kwargs(model))
     if batch.prefix is not None:
-        from transformers import DynamicCache
-
-        kwargs.update(position_ids=batch.position_ids, use_cache=True,
-                      **{_cache_argument(model): DynamicCache(ddp_cache_data=batch.prefix, config=model.config)})
+        kwargs.update(position_ids=batch.position_ids, **cache_kwargs(model, batch.prefix))
     return kwargs
 
 
@@ -307,8 +304,11 @@ def compute_target_values(
     if products_dtype(hparams.z_dtype, model) is not None:
         LOG.info("target loops: products above the edit in %s (z_dtype=%s)", products_dtype(hparams.z_dtype, model),
                  hparams.z_dtype)
-    run_loop = lambda on_model, loop: _optimise(on_model, tok, [requests[i] for i in loop], hparams, templates,
-                                                z_layer, shared_delta, prefix_cache, edit_module)
+    # The context templates' own tokens, once for every loop (the prefix pass then runs only the rest).
+    contexts = shared_prefixes(model, tok, context_texts(templates), model_device(model)) if prefix_cache else None
+    run_loop = lambda on_model, loop: _optimise(
+        on_model, tok, [requests[i] for i in loop], hparams, templates, z_layer, shared_delta, prefix_cache,
+        edit_module, contexts if on_model is model or contexts is None else contexts.to(model_device(on_model)))
     devices = loop_devices(model, hparams.z_devices or [])
     if len(devices) > 1:
         loops = split_for_devices(loops, len(devices), splittable=not shared_delta)
@@ -329,7 +329,8 @@ def compute_target_values(
 
 
 def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_delta: bool = False,
-              prefix_cache: bool = True, edit_module: Optional[str] = None) -> TargetValues:
+              prefix_cache: bool = True, edit_module: Optional[str] = None,
+              contexts: Optional[SharedPrefixes] = None) -> TargetValues:
     edit_module = edit_module or hparams.layer_module(z_layer)
     z_module = get_module(model, edit_module)
     loss_module_name = hparams.layer_module(hparams.v_loss_layer)
@@ -346,7 +347,7 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
     if prefix_cache:
         with low_precision():
-            batch = _with_prefix_cache(model, tok, batch)
+            batch = _with_prefix_cache(model, tok, batch, contexts)
     # Nothing up to the edited module depends on the delta: the decoder layers up to z_layer when the
     # delta goes on that layer's output, up to the one before when it goes inside the layer.
     top_unchanged = z_layer if edit_module == hparams.layer_module(z_layer) else z_layer - 1

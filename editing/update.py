@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from editing.keys import average_over_templates, request_templates, states_at_fact_tokens
+from editing.prefixes import context_texts
 from util.weights import add_to_weight
 
 LOG = logging.getLogger(__name__)
@@ -61,11 +62,13 @@ def spread_update_over_layers(
     templates, subjects = request_templates(requests, template_groups)
     per_request = sum(len(g) for g in template_groups)
     bare_rows = torch.arange(0, len(templates), per_request)  # the "{}" template comes first
+    contexts = context_texts([t for group in template_groups for t in group])
     record = UpdateRecord()
     for i, layer in enumerate(layers):
         rewrite = hparams.rewrite_module(layer)
         inputs, outputs = states_at_fact_tokens(
-            model, tok, templates, subjects, hparams.fact_token, inputs_of=[rewrite], outputs_of=[z_module]
+            model, tok, templates, subjects, hparams.fact_token, inputs_of=[rewrite], outputs_of=[z_module],
+            contexts=contexts,
         )
         keys = average_over_templates(inputs[rewrite], template_groups).T  # [d_in, n]
         current = outputs[z_module][bare_rows.to(outputs[z_module].device)]  # [n, d_model]
