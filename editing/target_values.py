@@ -302,8 +302,8 @@ def compute_target_values(
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
     if products_dtype(hparams.z_dtype, model) is not None:
-        LOG.info("target loops: products above the edit in %s (z_dtype=%s)", products_dtype(hparams.z_dtype, model),
-                 hparams.z_dtype)
+        LOG.info("target loops: products above the edit in %s (z_dtype: %s)",
+                 str(products_dtype(hparams.z_dtype, model)).replace("torch.", ""), hparams.z_dtype)
     # The context templates' own tokens, once for every loop (the prefix pass then runs only the rest).
     contexts = shared_prefixes(model, tok, context_texts(templates), model_device(model)) if prefix_cache else None
     run_loop = lambda on_model, loop: _optimise(
