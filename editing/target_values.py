@@ -27,7 +27,10 @@ keys and values are computed once, before the loop, and every step runs only the
 (``prefix_cache``): the same values, with a fraction of the tokens per step. Likewise no layer up to
 ``z_layer`` depends on a delta (it is added to that layer's output), so by default (``z_below_cache``)
 the output of layer ``z_layer`` is computed once per loop and every step runs only the layers above it.
+The context templates' own tokens are computed once per call for every loop (``editing/prefixes.py``).
 ``z_compile`` runs those layers as ``torch.compile``'d code (equal values up to float rounding).
+``z_dtype`` computes their matrix products, and the output head's, in bfloat16 (values move by its rounding;
+``auto``: where the device multiplies bfloat16 natively).
 ``z_devices`` runs the loops on several devices at once, one model copy each (``editing/replicas.py``).
 
 ``shared_delta=True`` (ECE's ``z_mode: shared`` ablation) gives every loop one delta for all its
