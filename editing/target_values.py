@@ -304,9 +304,10 @@ def compute_target_values(
     if sorted(order) != list(range(len(requests))):
         raise ValueError(f"loops must cover each of the {len(requests)} requests exactly once, got {loops}")
     templates = [t for group in template_groups for t in group]
-    if products_dtype(hparams.z_dtype, model) is not None:
-        LOG.info("target loops: products above the edit in %s (z_dtype: %s)",
-                 str(products_dtype(hparams.z_dtype, model)).replace("torch.", ""), hparams.z_dtype)
+    low_dtype = products_dtype(hparams.z_dtype, model)
+    if low_dtype is not None:
+        LOG.info("target loops: products above the edit in %s (z_dtype: %s)", str(low_dtype).replace("torch.", ""),
+                 hparams.z_dtype)
     # The context templates' own tokens, once for every loop (the prefix pass then runs only the rest).
     contexts = shared_prefixes(model, tok, context_texts(templates), model_device(model)) if prefix_cache else None
     run_loop = lambda on_model, loop: _optimise(
@@ -341,11 +342,14 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
     unembed = model.get_output_embeddings()
     head_device = unembed.weight.device
     # With z_dtype, the layers above the edit (those the delta reaches) compute their products in that dtype,
-    # the prefix pass included, and so does the output head (its weight cast once here). The unedited
+    # the prefix pass included, and so does the output head (weights cast once per loop). The unedited
     # output at the edit, from the layers below, keeps the model's precision.
     compute_dtype = products_dtype(hparams.z_dtype, model)
-    layers_above = [hparams.layer_module(i) for i in range(z_layer + 1, hparams.v_loss_layer + 1)]
-    low_precision = lambda: (low_precision_products(model, layers_above, compute_dtype)
+    low_precision_names = []
+    if compute_dtype is not None:
+        low_precision_names = [hparams.layer_module(i) for i in range(z_layer + 1, hparams.v_loss_layer + 1)]
+        low_precision_names.append(next(name for name, module in model.named_modules() if module is unembed))
+    low_precision = lambda: (low_precision_products(model, low_precision_names, compute_dtype)
                              if compute_dtype is not None else nullcontext())
     batch = _build_batch(tok, requests, templates, hparams.fact_token, model_device(model))
     if prefix_cache:
@@ -380,17 +384,10 @@ def _optimise(model, tok, requests, hparams, templates, z_layer: int, shared_del
         rows = torch.arange(len(positions), device=hidden.device)
         return hidden.index_put((rows, positions), addition, accumulate=True)
 
-    head_weight = unembed.weight.to(compute_dtype) if compute_dtype is not None else None
-
     def log_probs_at(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         selected = hidden[rows.to(hidden.device), positions.to(hidden.device)]
         selected = selected.to(ln_f.weight.device if hasattr(ln_f, "weight") else selected.device)
-        normed = ln_f(selected).to(head_device)
-        if head_weight is None:
-            logits = unembed(normed)
-        else:
-            bias = unembed.bias.to(compute_dtype) if getattr(unembed, "bias", None) is not None else None
-            logits = torch.nn.functional.linear(normed.to(compute_dtype), head_weight, bias)
+        logits = unembed(ln_f(selected).to(head_device))
         return torch.log_softmax(logits.float(), dim=-1)
 
     # The layers every step runs (above the cached ones), as compiled code with z_compile.
