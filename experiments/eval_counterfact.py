@@ -42,9 +42,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from dsets.attr_snippets import snippet_key
 from dsets.tfidf_stats import tfidf_similarity
-from experiments.free_generation import FreeGeneration, free_generation_metrics_many
-from util.generate import generate_texts, generation_seed, sample_top_k_texts
-from util.scoring import continuation_scores
+from experiments.free_generation import FreeGeneration, answer_budget, judged_answers
+from util.generate import generate_texts, generation_seed, sample_top_k_texts, score_and_answer
 
 LOG = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class GenerationProtocol:
     top_k: int = 5
     max_out_len: int = 100
     max_new_tokens: int = 50
-    batch_size: int = 64  # texts sampled together; changes no text beyond rounding, so not in to_dict
+    batch_size: int = 256  # texts sampled together; changes no text beyond rounding, so not in to_dict
 
     def __post_init__(self):
         if self.name not in GENERATION_PROTOCOLS:
@@ -188,7 +187,7 @@ def compute_rewrite_quality_counterfact(
     generation_protocol: GenerationProtocol = GenerationProtocol(),
     consistency_source: Optional[str] = None,
     consistency_unavailable: Optional[str] = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     free_generation: Optional[FreeGeneration] = FreeGeneration(),
 ) -> Dict:
     """Probabilities, the free-generation metric (unless ``free_generation`` is None) and, unless
@@ -227,43 +226,46 @@ def compute_rewrite_quality_counterfact_many(
     generation_protocol: GenerationProtocol = GenerationProtocol(),
     consistency_source: Optional[str] = None,
     consistency_unavailable: Optional[str] = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     free_generation: Optional[FreeGeneration] = FreeGeneration(),
 ) -> List[Dict]:
     """``compute_rewrite_quality_counterfact`` of several records (``skip_generation``: one flag per record,
-    default all False). The prompts and both targets of all records are scored in one batched
-    ``continuation_scores`` call and their greedy answers decoded in one batched loop: on a CPU a round of
-    records costs a fraction of scoring them one by one."""
+    default all False). The prompts of all records go through one ``score_and_answer`` call: each prompt runs
+    once, both targets are scored after it and its greedy answer decoded from it, in shared batches of
+    ``batch_size`` prompts (on a CPU a round of records costs a fraction of scoring them one by one)."""
     records = list(records)
     skip_generation = list(skip_generation) or [False] * len(records)
     if len(skip_generation) != len(records):
         raise ValueError(f"{len(records)} records but {len(skip_generation)} skip_generation flags")
-    prompts_per_record = [_prompts(record) for record in records]
-    prefixes, targets = [], []
-    for record, prompts in zip(records, prompts_per_record):
-        flat = [p for kind in PROMPT_KINDS for p in prompts[kind]]
-        prefixes += [p for p in flat for _ in (0, 1)]
-        targets += [t for _ in flat for t in _targets(record)]
-    scores = iter(continuation_scores(model, tok, prefixes, targets, batch_size=batch_size))
+    prompts, targets, budgets, groups_per_record = [], [], [], []
+    for record in records:
+        target_new, target_true = _targets(record)
+        groups = {}
+        for kind, kind_prompts in _prompts(record).items():
+            expected, competing = (target_true, target_new) if kind == "neighborhood_prompts" else (target_new, target_true)
+            groups[kind] = [(p, expected, competing) for p in kind_prompts]
+            prompts += kind_prompts
+            targets += [(target_new, target_true)] * len(kind_prompts)
+            budget = 0 if free_generation is None else answer_budget(tok, expected, free_generation)
+            budgets += [budget] * len(kind_prompts)
+        groups_per_record.append(groups)
+    outcomes = iter(score_and_answer(model, tok, prompts, targets, budgets, batch_size=batch_size))
     results: List[Dict] = []
-    for prompts in prompts_per_record:
+    continuations = []
+    for groups in groups_per_record:
         ret: Dict = {}
         for kind in PROMPT_KINDS:
-            pairs = [(next(scores), next(scores)) for _ in prompts[kind]]
+            pairs = []
+            for _ in groups[kind]:
+                (new, true), answer = next(outcomes)
+                pairs.append((new, true))
+                continuations.append(answer)
             ret[f"{kind}_probs"] = [{"target_new": new.mean_nll, "target_true": true.mean_nll} for new, true in pairs]
             wanted = 1 if kind == "neighborhood_prompts" else 0
             ret[f"{kind}_correct"] = [all(pair[wanted].token_correct) for pair in pairs]
         results.append(ret)
     if free_generation is not None:
-        groups_per_record = []
-        for record, prompts in zip(records, prompts_per_record):
-            target_new, target_true = _targets(record)
-            groups = {kind: [(p, target_new, target_true) for p in prompts[kind]]
-                      for kind in ("rewrite_prompts", "paraphrase_prompts")}
-            groups["neighborhood_prompts"] = [(p, target_true, target_new) for p in prompts["neighborhood_prompts"]]
-            groups_per_record.append(groups)
-        for ret, free in zip(results, free_generation_metrics_many(model, tok, groups_per_record, free_generation,
-                                                                  batch_size=batch_size)):
+        for ret, free in zip(results, judged_answers(tok, groups_per_record, continuations, free_generation)):
             ret.update(free)
     due = [record for record, skip in zip(records, skip_generation) if not skip]
     generated = iter(generation_metrics_many(model, tok, due, snips, vec, generation_protocol, consistency_source,

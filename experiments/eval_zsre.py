@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from experiments.free_generation import FreeGeneration, free_generation_metrics_many
-from util.scoring import continuation_scores
+from experiments.free_generation import FreeGeneration, answer_budget, judged_answers
+from util.generate import score_and_answer
 
 PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
 
 
-def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 32,
+def compute_rewrite_quality_zsre(model, tok, record: Dict, batch_size: int = 64,
                                  free_generation: Optional[FreeGeneration] = FreeGeneration()) -> Dict:
     """Per-token top-1 correctness on the edit prompt, its paraphrases and the neighbourhood prompts,
     and the free-generation metric."""
@@ -41,19 +41,22 @@ def _prompt_groups(record: Dict) -> Dict[str, List[Tuple[str, str]]]:
     }
 
 
-def compute_rewrite_quality_zsre_many(model, tok, records: Sequence[Dict], batch_size: int = 32,
+def compute_rewrite_quality_zsre_many(model, tok, records: Sequence[Dict], batch_size: int = 64,
                                       free_generation: Optional[FreeGeneration] = FreeGeneration()) -> List[Dict]:
-    """``compute_rewrite_quality_zsre`` of several records: the prompts of all of them are scored in one
-    batched ``continuation_scores`` call and decoded in one batched loop."""
+    """``compute_rewrite_quality_zsre`` of several records: the prompts of all of them are scored and their
+    answers decoded in one ``score_and_answer`` call (each prompt runs once)."""
     groups_per_record = [_prompt_groups(record) for record in records]
     pairs = [pair for groups in groups_per_record for kind in PROMPT_KINDS for pair in groups[kind]]
-    scores = iter(continuation_scores(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size))
+    budgets = [0 if free_generation is None else answer_budget(tok, t, free_generation) for _, t in pairs]
+    outcomes = score_and_answer(model, tok, [p for p, _ in pairs], [[t] for _, t in pairs], budgets,
+                                batch_size=batch_size)
+    scores = iter(outcome[0][0] for outcome in outcomes)
     results = [{f"{kind}_correct": [list(next(scores).token_correct) for _ in groups[kind]] for kind in PROMPT_KINDS}
                for groups in groups_per_record]
     if free_generation is not None:
         free_groups = [{kind: [(p, t, None) for p, t in groups[kind]] for kind in PROMPT_KINDS}
                        for groups in groups_per_record]
-        for ret, free in zip(results, free_generation_metrics_many(model, tok, free_groups, free_generation,
-                                                                  batch_size=batch_size)):
+        for ret, free in zip(results, judged_answers(tok, free_groups, [answer for _, answer in outcomes],
+                                                     free_generation)):
             ret.update(free)
     return results

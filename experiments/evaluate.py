@@ -101,7 +101,8 @@ def parse_args(argv=None):
     parser.add_argument("--downstream_eval_steps", type=int, default=0,
                         help="downstream check before round 1 and after every N rounds (0 = off)")
     parser.add_argument("--downstream_examples", type=int, default=100, help="examples per downstream task")
-    parser.add_argument("--eval_batch_size", type=int, default=32, help="prompts scored together in the evaluation")
+    parser.add_argument("--eval_batch_size", type=int, default=64,
+                        help="prompts scored together in the evaluation (answers decode 4 such batches at a time)")
     for switch in REMOVED_SWITCHES:
         parser.add_argument(f"--{switch}", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,

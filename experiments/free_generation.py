@@ -28,7 +28,6 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from util.generate import greedy_continuation_ids
 from util.tokens import target_ids
 
 PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
@@ -75,19 +74,17 @@ def answer_correct(answer: str, expected: str, competing: Optional[str] = None) 
     return True
 
 
-def free_generation_metrics(model, tok, groups: Dict[str, List[tuple]], protocol: FreeGeneration = FreeGeneration(),
-                            batch_size: int = 32) -> Dict:
-    """``{kind}_generated_correct`` and ``{kind}_generated_text`` for each kind of ``groups``
-    (``{kind: [(prompt, expected, competing or None), ...]}``) and ``free_generation`` (the protocol)."""
-    return free_generation_metrics_many(model, tok, [groups], protocol, batch_size)[0]
+def answer_budget(tok, expected: str, protocol: FreeGeneration) -> int:
+    """Tokens decoded for an answer: the expected target's tokens and ``protocol.extra_tokens``."""
+    return len(target_ids(tok, expected)) + protocol.extra_tokens
 
 
-def free_generation_metrics_many(model, tok, groups_per_record: Sequence[Dict[str, List[tuple]]],
-                                 protocol: FreeGeneration = FreeGeneration(), batch_size: int = 32) -> List[Dict]:
-    """``free_generation_metrics`` of several records, the prompts of all of them decoded in one batched loop."""
-    flat = [item for groups in groups_per_record for kind in PROMPT_KINDS for item in groups.get(kind, [])]
-    budgets = [len(target_ids(tok, expected)) + protocol.extra_tokens for _, expected, _ in flat]
-    continuations = greedy_continuation_ids(model, tok, [p for p, _, _ in flat], budgets, batch_size=batch_size)
+def judged_answers(tok, groups_per_record: Sequence[Dict[str, List[tuple]]], continuations: Sequence[Sequence[int]],
+                   protocol: FreeGeneration = FreeGeneration()) -> List[Dict]:
+    """``{kind}_generated_correct``, ``{kind}_generated_text`` and ``free_generation`` (the protocol) of each
+    record, whose ``groups`` are ``{kind: [(prompt, expected, competing or None), ...]}``; ``continuations``:
+    the greedy token ids of every prompt, in the order of the records and ``PROMPT_KINDS`` (``answer_budget``
+    tokens each)."""
     answers = iter(answer_text(tok, ids) for ids in continuations)
     results = []
     for groups in groups_per_record:

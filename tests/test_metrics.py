@@ -79,13 +79,13 @@ def _manual_scores(model, tok, prefix, target):
 
 def _counting(monkeypatch, module):
     calls = []
-    real = module.continuation_scores
+    real = module.score_and_answer
 
     def wrapper(*args, **kwargs):
-        calls.append(args[2])
+        calls.append(list(zip(args[2], args[3])))  # (prompt, its targets)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "continuation_scores", wrapper)
+    monkeypatch.setattr(module, "score_and_answer", wrapper)
     return calls
 
 
@@ -94,7 +94,7 @@ def test_counterfact_nlls_match_hand_computed_log_softmax(request, monkeypatch, 
     model, tok = request.getfixturevalue(model_fixture), request.getfixturevalue(tok_fixture)
     calls = _counting(monkeypatch, eval_cf)
     out = compute_rewrite_quality_counterfact(model, tok, RECORD, skip_generation=True)
-    assert len(calls) == 1 and len(calls[0]) == 2 * 4  # one batched call: 4 prompts x 2 targets
+    assert len(calls) == 1 and [len(targets) for _, targets in calls[0]] == [2] * 4  # one call: 4 prompts x 2 targets
     assert set(out) == {f"{k}_{m}" for k in eval_cf.PROMPT_KINDS
                         for m in ("probs", "correct", "generated_correct", "generated_text")} | {"free_generation"}
     assert [len(out[f"{k}_probs"]) for k in eval_cf.PROMPT_KINDS] == [1, 2, 1]
@@ -123,7 +123,7 @@ def test_zsre_token_correctness_matches_argmax(tiny_gpt2, tiny_tok, monkeypatch)
     }
     calls = _counting(monkeypatch, eval_zsre)
     out = compute_rewrite_quality_zsre(tiny_gpt2, tiny_tok, record)
-    assert len(calls) == 1 and len(calls[0]) == 3
+    assert len(calls) == 1 and [len(targets) for _, targets in calls[0]] == [1] * 3
     n_new = len(tiny_tok(" Lecanorales")["input_ids"])
     n_loc = len(tiny_tok(" Billy Idol")["input_ids"])
     assert [len(x) for x in out["rewrite_prompts_correct"]] == [n_new]
@@ -453,6 +453,16 @@ def test_no_substitute_without_its_inputs(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- free generation
 
 
+class TokenHistories(list):
+    """ScriptedLM's cache: one token list per row; ``crop(-n)`` forgets the last ``n`` of each, as
+    transformers' caches do."""
+
+    def crop(self, tokens_to_remove: int):
+        assert tokens_to_remove <= 0
+        for history in self:
+            del history[len(history) + tokens_to_remove:]
+
+
 class ScriptedLM(torch.nn.Module):
     """A causal LM that says exactly what it is told: after a scripted prompt's ids (and any prefix of its
     continuation) the next continuation token gets logit 10, everything else 0; unscripted text ends with
@@ -480,7 +490,8 @@ class ScriptedLM(torch.nn.Module):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
-        histories = [list(h) for h in past_key_values] if past_key_values else [[] for _ in input_ids]
+        histories = TokenHistories(list(h) for h in past_key_values) if past_key_values else \
+            TokenHistories([] for _ in input_ids)
         logits = torch.zeros(*input_ids.shape, self.vocab)
         for row, (ids, keep) in enumerate(zip(input_ids.tolist(), mask.tolist())):
             for position, (token, real) in enumerate(zip(ids, keep)):
@@ -701,3 +712,32 @@ def test_evaluation_benchmark_reports_agreement(tiny_llama, tiny_tok, data_dir):
     other = {"rewrite_prompts_probs": [{"target_new": 1.5, "target_true": 2.0}], "rewrite_prompts_correct": [False],
              "rewrite_prompts_generated_text": ["Paris"]}
     assert agreement([stage], [other]) == {"max_nll_difference": 0.5, "differing_prompts": 2}
+
+
+@pytest.mark.parametrize("model_fixture, tok_fixture", [("tiny_gpt2", "tiny_tok"), ("tiny_llama", "tiny_tok_bos")])
+def test_one_prompt_pass_equals_separate_scoring_and_decoding(request, model_fixture, tok_fixture):
+    """``score_and_answer`` runs each prompt once, continues every target from its cache (cut back after each)
+    and decodes from it, decoding several prefill batches of different widths together: the NLLs, top-1 flags
+    and answers must be those of ``continuation_scores`` and ``greedy_continuation_ids``, whatever the batching."""
+    from util.generate import greedy_continuation_ids, score_and_answer
+
+    model, tok = request.getfixturevalue(model_fixture), request.getfixturevalue(tok_fixture)
+    prompts = ["Paris is located in", "The Eiffel Tower, a famous landmark of the city, stands in", "Rome is in",
+               "Notre-Dame is in", "Where is the Louvre? It is in the country of", "Berlin"]
+    targets = [["France", "Italy"], ["the French Republic", "Italy"], ["Italy"], ["France", "the Vatican City"],
+               ["France", "Spain"], ["Germany", "a country in Europe"]]
+    budgets = [3, 12, 0, 5, 7, 4]
+    separate = continuation_scores(model, tok, [p for p, ts in zip(prompts, targets) for _ in ts],
+                                   [t for ts in targets for t in ts])
+    answers = greedy_continuation_ids(model, tok, prompts, budgets)
+    assert any(len(_ids(tok, " " + t)) > 2 for ts in targets for t in ts)  # multi-token continuations are fed
+    for batch_size, decode_batches in ((1, 1), (2, 2), (4, 3), (64, 4)):
+        joint = score_and_answer(model, tok, prompts, targets, budgets, batch_size=batch_size,
+                                 decode_batches=decode_batches)
+        flat = [score for scores, _ in joint for score in scores]
+        assert [len(scores) for scores, _ in joint] == [len(ts) for ts in targets]
+        for mine, theirs in zip(flat, separate):
+            assert mine.token_nlls == pytest.approx(theirs.token_nlls, abs=1e-4)
+            assert mine.token_correct == theirs.token_correct
+        assert [answer for _, answer in joint] == answers
+        assert [len(answer) for _, answer in joint] == budgets

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import unicodedata
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from util.models import model_device
-from util.tokens import chunks, pad_batch, pad_token_id, prompt_ids
+from util.scoring import ContinuationScore
+from util.tokens import chunks, even_chunks, pad_batch, pad_token_id, prompt_ids, target_ids
 
 
 @torch.no_grad()
@@ -144,46 +145,167 @@ def greedy_continuation_ids(model, tok, prompts: Sequence[str], max_new_tokens: 
     budgets = [max(0, int(n)) for n in max_new_tokens]
     out: List[List[int]] = [[] for _ in prompts]
 
-    def choose(logits: torch.Tensor, active: List[int]) -> dict:
-        best = logits.argmax(dim=-1).cpu()
-        return {row: int(best[row]) for row in active}
-
     # Batches of similar prompt lengths and budgets: little padding, few steps past a row's budget.
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), budgets[i]))
     for batch in chunks(order, batch_size):
         for i, ids in zip(batch, _decode_batch(model, tok, [encoded[i] for i in batch], [budgets[i] for i in batch],
-                                               choose, device)):
+                                               _argmax_choice, device)):
             out[i] = ids
     return out
 
 
-def _decode_batch(model, tok, encoded, budgets, choose, device) -> List[List[int]]:
-    """New token ids per row: left-padded prompts, explicit positions, one cached forward per step.
+def _cache_of(out):
+    return out.get("cache", None) or out.get("past_key_values", None)
 
-    ``choose(last_logits, active_rows)`` returns ``{row: next id}`` for the rows whose budget is not spent;
-    the other rows are fed padding, which no later token of theirs reads."""
-    new_tokens: List[List[int]] = [[] for _ in encoded]
-    steps = max(budgets, default=0)
-    if steps == 0:
-        return new_tokens
-    options = _forward_kwargs(model)
-    cache_name = options.pop("cache")
+
+def _prefill(model, tok, encoded, device, options: dict):
+    """One cached forward of left-padded prompts: ``(last logits, cache, mask, positions)``."""
     ids, mask = pad_batch(tok, encoded, device=device, side="left")
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **options)
+    return out.logits[:, -1, :], _cache_of(out), mask, positions
+
+
+def _decode_batch(model, tok, encoded, budgets, choose, device) -> List[List[int]]:
+    """New token ids per row: left-padded prompts, explicit positions, one cached forward per step."""
+    if max(budgets, default=0) == 0:
+        return [[] for _ in encoded]
+    options = _forward_kwargs(model)
+    cache_name = options.pop("cache")
+    logits, cache, mask, positions = _prefill(model, tok, encoded, device, options)
+    return _decode_from(model, tok, logits, cache, mask, positions, budgets, choose, cache_name, options)
+
+
+def _decode_from(model, tok, logits, cache, mask, positions, budgets, choose, cache_name: str,
+                 options: dict) -> List[List[int]]:
+    """``_decode_batch`` after the prompts' forward pass (``logits``: their last positions').
+
+    ``choose(last_logits, active_rows)`` returns ``{row: next id}`` for the rows whose budget is not spent;
+    the other rows are fed padding, which no later token of theirs reads."""
+    new_tokens: List[List[int]] = [[] for _ in budgets]
+    steps = max(budgets, default=0)
     pad = pad_token_id(tok)
     for step in range(steps):
         active = [row for row, budget in enumerate(budgets) if step < budget]
-        picked = choose(out.logits[:, -1, :], active)
-        next_ids = torch.full((len(encoded),), pad, dtype=torch.long)
+        picked = choose(logits, active)
+        next_ids = torch.full((len(budgets),), pad, dtype=torch.long)
         for row, token in picked.items():
             next_ids[row] = token
             new_tokens[row].append(token)
         if step == steps - 1:
             break
-        cache = out.get("cache", None) or out.get("past_key_values", None)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None].to(device), attention_mask=mask, position_ids=positions,
+        out = model(input_ids=next_ids[:, None].to(mask.device), attention_mask=mask, position_ids=positions,
                     use_cache=True, **{cache_name: cache}, **options)
+        logits, cache = out.logits[:, -1, :], _cache_of(out)
     return new_tokens
+
+
+def _argmax_choice(logits: torch.Tensor, active: List[int]) -> dict:
+    best = logits.argmax(dim=-1).cpu()
+    return {row: int(best[row]) for row in active}
+
+
+def _score_from_prompts(model, tok, last_logits, cache, mask, positions, wanted: Sequence[Sequence[List[int]]],
+                        cache_name: str, options: dict):
+    """Teacher-forced scores of each row's targets (token ids) after its prompt, whose forward pass gave
+    ``last_logits`` and ``cache``, and the cache again holding the prompts alone. Target ``j`` of every row is
+    fed in one forward from the prompts' cache, which is then cut back to the prompts, so that target ``j + 1``
+    sees the prompt alone."""
+    pad = pad_token_id(tok)
+    scores: List[List[ContinuationScore]] = [[] for _ in wanted]
+    for j in range(max((len(t) for t in wanted), default=0)):
+        column = [targets[j] if j < len(targets) else None for targets in wanted]
+        fed = [target[:-1] if target else [] for target in column]  # the last token is predicted, never fed
+        span = max(map(len, fed))
+        following = None
+        if span:
+            ids = torch.full((len(fed), span), pad, dtype=torch.long)
+            for row, tokens in enumerate(fed):
+                ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+            # Padding after a row's own tokens: causal attention keeps it from the row's predictions.
+            fed_mask = torch.cat([mask, mask.new_ones(mask.shape[0], span)], dim=1)
+            fed_positions = positions[:, -1:] + 1 + torch.arange(span, device=mask.device)
+            keep = {"logits_to_keep": span} if "logits_to_keep" in options else {}
+            out = model(input_ids=ids.to(mask.device), attention_mask=fed_mask, position_ids=fed_positions,
+                        use_cache=True, **keep, **{cache_name: cache})
+            following, cache = out.logits[:, -span:], _cache_of(out)
+            cache.crop(-span)  # back to the prompts (a negative count removes that many positions)
+        for row, target in enumerate(column):
+            if target is None:
+                continue
+            steps = last_logits[row : row + 1]
+            if len(target) > 1:
+                steps = torch.cat([steps, following[row, : len(target) - 1]])
+            log_probs = torch.log_softmax(steps.float(), dim=-1)
+            expected = torch.as_tensor(target, device=log_probs.device)
+            picked = log_probs.gather(1, expected[:, None])[:, 0]
+            scores[row].append(ContinuationScore((-picked).tolist(), (log_probs.argmax(-1) == expected).tolist()))
+    return scores, cache
+
+
+def _joined(parts: Sequence[tuple], model):
+    """One decoding batch from several prefilled ones (``(logits, cache, mask, positions)`` each): the caches and
+    masks padded on the left to the widest, which the mask hides. ``None`` for a cache that is not a
+    ``DynamicCache`` (the parts then decode one by one)."""
+    from transformers import DynamicCache
+
+    if len(parts) == 1:
+        return parts[0]
+    if not all(isinstance(cache, DynamicCache) for _, cache, _, _ in parts):
+        return None
+    width = max(mask.shape[1] for _, _, mask, _ in parts)
+    widen = lambda t, dim: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
+    layers = [(torch.cat([widen(cache.layers[i].keys, 2) for _, cache, _, _ in parts]),
+               torch.cat([widen(cache.layers[i].values, 2) for _, cache, _, _ in parts]))
+              for i in range(len(parts[0][1].layers))]
+    return (torch.cat([logits for logits, _, _, _ in parts]),
+            DynamicCache(ddp_cache_data=layers, config=model.config),
+            torch.cat([widen(mask, 1) for _, _, mask, _ in parts]),
+            torch.cat([positions[:, -1:] for _, _, _, positions in parts]))
+
+
+@torch.no_grad()
+def score_and_answer(model, tok, prompts: Sequence[str], targets: Sequence[Sequence[str]],
+                     max_new_tokens: Sequence[int], batch_size: int = 64, decode_batches: int = 4
+                     ) -> List[Tuple[List[ContinuationScore], List[int]]]:
+    """For each prompt, the teacher-forced scores of its ``targets`` (as ``util.scoring.continuation_scores``:
+    leading space, per-token NLL and top-1) and its greedy continuation of ``max_new_tokens`` tokens (as
+    ``greedy_continuation_ids``), all from one cached forward pass of the prompt.
+
+    An evaluation that scores two targets after a prompt and decodes its answer would otherwise run the prompt
+    three times; here its keys and values are computed once, each target's tokens continue from them and the
+    answer decodes from them. Prompts run ``batch_size`` at a time; the answers of ``decode_batches`` such
+    batches decode together, since one decoding step of a few rows costs nearly as much as one of hundreds
+    (every weight is read for one token per row). Values equal separate passes up to float rounding."""
+    if not len(prompts) == len(targets) == len(max_new_tokens):
+        raise ValueError(f"{len(prompts)} prompts, {len(targets)} target lists, {len(max_new_tokens)} token budgets")
+    device = model_device(model)
+    encoded = [prompt_ids(tok, p) for p in prompts]
+    wanted = [[target_ids(tok, t) for t in row] for row in targets]
+    budgets = [max(0, int(n)) for n in max_new_tokens]
+    options = _forward_kwargs(model)
+    cache_name = options.pop("cache")
+    results: List[Optional[tuple]] = [None] * len(prompts)
+    # Prompts whose targets are all one token need no forward beyond their own, so they are batched apart from
+    # the others; then similar prompt lengths and budgets: little padding, few steps past a row's budget.
+    order = sorted(range(len(prompts)),
+                   key=lambda i: (max(map(len, wanted[i]), default=1) > 1, len(encoded[i]), budgets[i]))
+    for group in even_chunks(order, batch_size * decode_batches):
+        parts = []
+        for batch in even_chunks(group, batch_size):
+            logits, cache, mask, positions = _prefill(model, tok, [encoded[i] for i in batch], device, options)
+            scores, cache = _score_from_prompts(model, tok, logits, cache, mask, positions,
+                                                [wanted[i] for i in batch], cache_name, options)
+            for i, row_scores in zip(batch, scores):
+                results[i] = (row_scores, [])
+            if any(budgets[i] for i in batch):
+                parts.append((batch, (logits, cache, mask, positions)))
+        joined = _joined([state for _, state in parts], model) if parts else None
+        runs = [([i for batch, _ in parts for i in batch], joined)] if joined is not None else parts
+        for rows, state in runs:
+            for i, answer in zip(rows, _decode_from(model, tok, *state, [budgets[i] for i in rows], _argmax_choice,
+                                                    cache_name, options)):
+                results[i] = (results[i][0], answer)
+    return results

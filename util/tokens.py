@@ -55,6 +55,13 @@ def chunks(items: Sequence, size: int):
         yield items[start : start + size]
 
 
+def even_chunks(items: Sequence, size: int):
+    """As few chunks of at most ``size`` items as ``chunks`` gives, of nearly equal sizes (300 items in chunks
+    of at most 256: 150 and 150, not 256 and 44)."""
+    count = -(-len(items) // size) if size > 0 else 0
+    return chunks(items, -(-len(items) // count)) if count else iter(())
+
+
 def leading_special_ids(tok) -> List[int]:
     """Tokens the tokenizer puts in front of every text (a BOS token), possibly none."""
     with_special = tok("x")["input_ids"]
