@@ -61,7 +61,8 @@ class LocateEditHyperParams(HyperParams):
     # instead of at every optimisation step (false: the published implementations' cost).
     z_prefix_cache: bool = True
     # Speed only, same values: compute the layers up to the last edited one once per target loop (no
-    # step changes their output) and run only the layers above it at every step.
+    # step changes their output) and run only the layers above it at every step; and in the layer loop,
+    # run the blocks below the layer edited last once per pass, not again for every later layer.
     z_below_cache: bool = True
     # Speed only, values equal up to float rounding: run the decoder layers of every optimisation step as
     # torch.compile'd code (inductor, dynamic shapes). On the 2-core CPU a round of 100 ECE_WI edits on

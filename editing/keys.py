@@ -7,12 +7,14 @@ padded on the right by ``util.tokens.pad_batch``, so positions counted from the 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from editing.prefixes import after_prefixes, context_texts, shared_prefixes
-from util.hooks import TraceDict
+from util.hooks import TraceDict, skip_modules
 from util.models import hidden_states_only_kwargs, model_device
 from util.tokens import chunks, pad_batch, prompt_ids
 
@@ -45,6 +47,17 @@ def expand_templates(context_templates: Sequence[str], prompt: str) -> List[str]
     return [context.format(prompt) for context in context_templates]
 
 
+@dataclass
+class LowerBlocks:
+    """The output of the highest of ``blocks`` (a model's lowest blocks, bottom up) for each batch of one
+    ``states_at_fact_tokens`` pass. A later pass over the same rows, while none of these blocks has changed,
+    skips them all and starts from the kept outputs: MEMIT's layer loop edits one layer at a time, bottom up,
+    so the blocks below the layer it edits next are as they were at its previous pass."""
+
+    blocks: List[str]
+    outputs: List[torch.Tensor] = field(default_factory=list)
+
+
 @torch.no_grad()
 def states_at_fact_tokens(
     model,
@@ -56,21 +69,26 @@ def states_at_fact_tokens(
     outputs_of: Sequence[str] = (),
     batch_size: int = 64,
     contexts: Sequence[str] = (),
+    start_from: Optional[LowerBlocks] = None,
+    keep: Optional[LowerBlocks] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """Inputs of ``inputs_of`` and outputs of ``outputs_of`` at the fact token of each prompt.
 
     One forward per batch for all modules, stopping after the last of them, over each prompt's tokens up
     to its fact token only: in a causal model the tokens after it change nothing there. ``contexts``: texts
-    that prompts begin with (``editing.prefixes.context_texts``), run once for all of them. Returns two
-    dicts ``{module: [n_prompts, d]}`` (inputs, outputs), each tensor on its module's device.
+    that prompts begin with (``editing.prefixes.context_texts``), run once for all of them. ``start_from``:
+    the outputs of lower blocks kept by an earlier pass over the same rows (those blocks are skipped);
+    ``keep``: filled with this pass's outputs of its highest block (which must lie below the modules asked
+    for). Returns two dicts ``{module: [n_prompts, d]}`` (inputs, outputs), each tensor on its module's device.
     """
     device = model_device(model)
     pairs = list(zip(templates, subjects))
     names = list(dict.fromkeys(list(inputs_of) + list(outputs_of)))
+    kept = [keep.blocks[-1]] if keep is not None else []
     inputs: Dict[str, List[torch.Tensor]] = {name: [] for name in inputs_of}
     outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in outputs_of}
     shared = shared_prefixes(model, tok, contexts, device)
-    for batch in chunks(pairs, batch_size):
+    for number, batch in enumerate(chunks(pairs, batch_size)):
         index = torch.tensor([fact_token_index(tok, t, s, fact_token) for t, s in batch])
         rows = [prompt_ids(tok, t.format(s))[: int(i) + 1] for (t, s), i in zip(batch, index)]
         if shared is None:
@@ -80,8 +98,14 @@ def states_at_fact_tokens(
             cut = after_prefixes(tok, rows, shared, device, within=index.tolist())
             kwargs = {**hidden_states_only_kwargs(model), **cut.forward_kwargs(model)}
             index = index - torch.tensor(cut.covered)
-        with TraceDict(model, names, retain_input=bool(inputs_of), retain_output=bool(outputs_of), stop=True) as traces:
+        with ExitStack() as stack:
+            if start_from is not None:
+                stack.enter_context(skip_modules(model, start_from.blocks, lambda: start_from.outputs[number]))
+            traces = stack.enter_context(TraceDict(model, names + kept, retain_input=bool(inputs_of),
+                                                   retain_output=bool(outputs_of or kept), stop=True))
             model(**kwargs)
+        if keep is not None:
+            keep.outputs.append(traces[kept[0]].output)
         for store, attr in ((inputs, "input"), (outputs, "output")):
             for name in store:
                 value = getattr(traces[name], attr)

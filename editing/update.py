@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from editing.keys import average_over_templates, request_templates, states_at_fact_tokens
+from editing.keys import LowerBlocks, average_over_templates, request_templates, states_at_fact_tokens
 from editing.prefixes import context_texts
 from util.weights import add_to_weight
 
@@ -64,12 +64,17 @@ def spread_update_over_layers(
     bare_rows = torch.arange(0, len(templates), per_request)  # the "{}" template comes first
     contexts = context_texts([t for group in template_groups for t in group])
     record = UpdateRecord()
+    lower = None  # with z_below_cache, the blocks below the layer edited last run once per pass, not per layer
     for i, layer in enumerate(layers):
         rewrite = hparams.rewrite_module(layer)
+        keep = LowerBlocks([hparams.layer_module(b) for b in range(layer)]) if hparams.z_below_cache and layer else None
+        if lower is not None and len(lower.blocks) > layer:  # layers out of order: nothing below is unchanged
+            lower = None
         inputs, outputs = states_at_fact_tokens(
             model, tok, templates, subjects, hparams.fact_token, inputs_of=[rewrite], outputs_of=[z_module],
-            contexts=contexts,
+            contexts=contexts, start_from=lower, keep=keep,
         )
+        lower = keep
         keys = average_over_templates(inputs[rewrite], template_groups).T  # [d_in, n]
         current = outputs[z_module][bare_rows.to(outputs[z_module].device)]  # [n, d_model]
         error = targets.to(current.device) - current.float()

@@ -717,9 +717,10 @@ def test_evaluation_benchmark_reports_agreement(tiny_llama, tiny_tok, data_dir):
 @pytest.mark.parametrize("model_fixture, tok_fixture", [("tiny_gpt2", "tiny_tok"), ("tiny_llama", "tiny_tok_bos")])
 def test_one_prompt_pass_equals_separate_scoring_and_decoding(request, model_fixture, tok_fixture):
     """``score_and_answer`` runs each prompt once, continues every target from its cache (cut back after each)
-    and decodes from it, decoding several prefill batches of different widths together: the NLLs, top-1 flags
-    and answers must be those of ``continuation_scores`` and ``greedy_continuation_ids``, whatever the batching."""
-    from util.generate import greedy_continuation_ids, score_and_answer
+    and decodes from it, decoding several prefill batches of different widths together: the NLLs and top-1 flags
+    must be those of ``continuation_scores``, and the answers those of an argmax loop over one prompt at a time
+    without a cache, whatever the batching."""
+    from util.generate import score_and_answer
 
     model, tok = request.getfixturevalue(model_fixture), request.getfixturevalue(tok_fixture)
     prompts = ["Paris is located in", "The Eiffel Tower, a famous landmark of the city, stands in", "Rome is in",
@@ -729,7 +730,12 @@ def test_one_prompt_pass_equals_separate_scoring_and_decoding(request, model_fix
     budgets = [3, 12, 0, 5, 7, 4]
     separate = continuation_scores(model, tok, [p for p, ts in zip(prompts, targets) for _ in ts],
                                    [t for ts in targets for t in ts])
-    answers = greedy_continuation_ids(model, tok, prompts, budgets)
+    answers = []
+    for prompt, budget in zip(prompts, budgets):
+        ids, new = tok(prompt)["input_ids"], []
+        for _ in range(budget):
+            new.append(int(_full_logits(model, ids + new)[-1].argmax()))
+        answers.append(new)
     assert any(len(_ids(tok, " " + t)) > 2 for ts in targets for t in ts)  # multi-token continuations are fed
     for batch_size, decode_batches in ((1, 1), (2, 2), (4, 3), (64, 4)):
         joint = score_and_answer(model, tok, prompts, targets, budgets, batch_size=batch_size,

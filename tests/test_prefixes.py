@@ -82,3 +82,36 @@ def test_shared_contexts_shorten_the_passes(arch, request, edit_requests, make_h
     assert set(keys) == {1, 2}
     assert torch.allclose(cached.targets, full.targets, rtol=1e-4, atol=1e-5)
     assert cached.losses == pytest.approx(full.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_layer_loop_runs_the_unchanged_lower_blocks_once(arch, request, tiny_tok, edit_requests, make_hparams):
+    """MEMIT's layer loop edits its layers bottom up, so at each layer the blocks below the layer edited last
+    are as they were: with ``z_below_cache`` they are skipped and their kept output replayed. The deltas are
+    the same bit for bit, and the lowest block runs the rows in the first layer's pass only."""
+    from editing.update import least_squares_delta, spread_update_over_layers
+    from util.weights import read_weight
+
+    model = request.getfixturevalue(f"tiny_{arch}")
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    deltas, runs = {}, {}
+    for below_cache in (False, True):
+        model.load_state_dict(original, strict=False)
+        hp = make_hparams(arch, layers=[1, 2], z_below_cache=below_cache)
+        second = {layer: torch.eye(read_weight(model, hp.rewrite_module(layer)).shape[1]) for layer in hp.layers}
+        solve = lambda layer, k, r: least_squares_delta(k, r, second[layer], 0.5)
+        targets = torch.randn(len(edit_requests), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        calls = []
+        # a module inside block 0 (a skipped block's own hooks still fire; its contents do not run)
+        handle = get_module(model, hp.rewrite_module(0)).register_forward_hook(lambda *_: calls.append(1))
+        try:
+            record = spread_update_over_layers(model, tiny_tok, edit_requests, hp, targets, [CONTEXTS], solve)
+        finally:
+            handle.remove()
+        deltas[below_cache], runs[below_cache] = record.deltas, len(calls)
+    for layer in (1, 2):
+        assert torch.equal(deltas[True][layer], deltas[False][layer])
+        assert deltas[True][layer].abs().max() > 0
+    # Each pass runs block 0 over the shared contexts (their keys and values serve the blocks above) and over
+    # the one batch of rows; the second pass now skips the rows.
+    assert (runs[False], runs[True]) == (4, 3)

@@ -6,8 +6,9 @@ passed only a slice of the attention mask with left-padded prompts; here the who
 
 ``sample_top_k_texts`` is the generation protocol of MEMIT's fluency and consistency metrics (top-k 5
 sampling, 100 tokens including the prompt), seeded per prompt so that reruns give the same texts.
-``greedy_continuation_ids`` decodes the short argmax answers of the free-generation metric
-(``experiments/free_generation.py``) with the same cached loop.
+``score_and_answer`` runs each evaluation prompt once: the teacher-forced scores of its targets continue from
+its cached keys and values, and the short argmax answer of the free-generation metric
+(``experiments/free_generation.py``) decodes from them with the same cached loop.
 """
 from __future__ import annotations
 
@@ -133,27 +134,6 @@ def _sample_batch(model, tok, encoded, generators, max_out_len: int, top_k: int,
     return _decode_batch(model, tok, encoded, budgets, choose, device)
 
 
-@torch.no_grad()
-def greedy_continuation_ids(model, tok, prompts: Sequence[str], max_new_tokens: Sequence[int],
-                            batch_size: int = 32) -> List[List[int]]:
-    """Exactly ``max_new_tokens[i]`` argmax tokens after prompt ``i`` (no stop at the end-of-text token:
-    callers cut where they need to), batched with left padding and the key/value cache."""
-    if len(max_new_tokens) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
-    device = model_device(model)
-    encoded = [prompt_ids(tok, p) for p in prompts]
-    budgets = [max(0, int(n)) for n in max_new_tokens]
-    out: List[List[int]] = [[] for _ in prompts]
-
-    # Batches of similar prompt lengths and budgets: little padding, few steps past a row's budget.
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), budgets[i]))
-    for batch in chunks(order, batch_size):
-        for i, ids in zip(batch, _decode_batch(model, tok, [encoded[i] for i in batch], [budgets[i] for i in batch],
-                                               _argmax_choice, device)):
-            out[i] = ids
-    return out
-
-
 def _cache_of(out):
     return out.get("cache", None) or out.get("past_key_values", None)
 
@@ -271,8 +251,9 @@ def score_and_answer(model, tok, prompts: Sequence[str], targets: Sequence[Seque
                      max_new_tokens: Sequence[int], batch_size: int = 64, decode_batches: int = 4
                      ) -> List[Tuple[List[ContinuationScore], List[int]]]:
     """For each prompt, the teacher-forced scores of its ``targets`` (as ``util.scoring.continuation_scores``:
-    leading space, per-token NLL and top-1) and its greedy continuation of ``max_new_tokens`` tokens (as
-    ``greedy_continuation_ids``), all from one cached forward pass of the prompt.
+    leading space, per-token NLL and top-1) and its greedy (argmax) continuation of ``max_new_tokens`` tokens,
+    no stop at the end-of-text token (callers cut where they need to), all from one cached forward pass of the
+    prompt.
 
     An evaluation that scores two targets after a prompt and decodes its answer would otherwise run the prompt
     three times; here its keys and values are computed once, each target's tokens continue from them and the
