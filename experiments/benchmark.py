@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     if len(records) < args.num_edits * args.rounds:
         raise RunError(f"the dataset has {len(records)} records, fewer than {args.num_edits} x {args.rounds}")
     context = EditContext(args.model_name, data_dir=args.data_dir, seed=args.seed)
-    evaluate_case = Evaluator(args.ds_name, args.data_dir, skip_generation=True, interval=1, batch_size=32)
+    evaluate_case = Evaluator(args.ds_name, args.data_dir, skip_generation=True, interval=1, batch_size=64)
     matmul = matmul_rate(args.device, parse_dtype(args.dtype, args.device))
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -60,7 +60,7 @@ def parse_args(argv=None):
     parser = script_parser(__doc__, results_file=True)
     parser.add_argument("--ds_names", nargs="+", default=["cf_easyedit", "mcf"], choices=list(DATASETS))
     parser.add_argument("--n_records", type=int, default=100)
-    parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--eval_batch_size", type=int, default=64)
     return parser.parse_args(argv)
 
 
