@@ -220,10 +220,12 @@ class Evaluator:
     def __call__(self, model, tok, record) -> dict:
         return self.many(model, tok, [record])[0]
 
-    def many(self, model, tok, records: Sequence[dict], stage: Optional[str] = None) -> List[dict]:
+    def many(self, model, tok, records: Sequence[dict], stage: Optional[str] = None,
+             generation: bool = True) -> List[dict]:
         """The metrics of each record, all of them scored and decoded in shared batches; at a ``stage`` not in
-        ``generation_stages`` without the generation tests."""
-        with_generation = stage is None or stage in self.generation_stages
+        ``generation_stages``, or with ``generation`` false (``generation_only`` adds them later), without the
+        generation tests."""
+        with_generation = generation and (stage is None or stage in self.generation_stages)
         return self._evaluate(model, tok, records, [not (with_generation and self.generation_due(record))
                                                     for record in records], self.free_generation)
 

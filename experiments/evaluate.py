@@ -50,6 +50,7 @@ from util.weights import load_weights, snapshot_weights, temporarily_loaded  # n
 
 LOG = logging.getLogger("evaluate")
 FINAL_EVALUATION_GROUP = 100  # records scored together in the final evaluation; each group is saved as it ends
+GENERATION_GROUP = 128  # cases whose generation texts are sampled together (two prompts each on cf_easyedit)
 
 # MEMIT's switches that have no meaning here: the message says why and what to use instead.
 REMOVED_SWITCHES = {
@@ -269,8 +270,10 @@ def main(argv=None) -> Path:
                 paths = [case_path(run_dir, args.num_edits, record["case_id"]) for record in group]
                 cases = [json.loads(path.read_text()) for path in paths]
                 if any("final" not in case for case in cases):
-                    # The whole group, as in an uninterrupted run: the same batches give the same floats.
-                    for path, case, metrics in zip(paths, cases, evaluate_case.many(model, tok, group, "final")):
+                    # The whole group, as in an uninterrupted run: the same batches give the same floats. The
+                    # generation tests follow for all groups at once (add_missing_generation_tests).
+                    for path, case, metrics in zip(paths, cases, evaluate_case.many(model, tok, group, "final",
+                                                                                generation=False)):
                         if "final" not in case:
                             case["final"] = metrics
                             atomic_write_json(path, case)
@@ -285,24 +288,25 @@ def main(argv=None) -> Path:
 
 def add_missing_generation_tests(model, tok, evaluate_case: Evaluator, records, run_dir: Path, num_edits: int,
                                  stage: str) -> int:
-    """Add the generation tests to the finished cases whose ``stage`` was scored without them (a run made
-    before that stage had them), on the model as it is now; returns how many cases got them."""
-    added = 0
-    for group in chunks(records, FINAL_EVALUATION_GROUP):
-        paths = [case_path(run_dir, num_edits, record["case_id"]) for record in group]
-        cases = [json.loads(path.read_text()) if path.exists() else None for path in paths]
-        lacking = [i for i, (record, case) in enumerate(zip(group, cases))
-                   if case is not None and stage in case and "ngram_entropy" not in case[stage]
-                   and evaluate_case.generation_due(record)]
-        if not lacking:
+    """Add the generation tests to the finished cases whose ``stage`` was scored without them (the final stage
+    of a sequential run, or a run made before that stage had them), on the model as it is now; returns how many
+    cases got them. The texts of ``GENERATION_GROUP`` cases are sampled together (a step of many rows costs
+    little more than one of a few) and those cases saved as they end."""
+    lacking = []
+    for record in records:
+        path = case_path(run_dir, num_edits, record["case_id"])
+        if not evaluate_case.generation_due(record) or not path.exists():
             continue
-        for i, metrics in zip(lacking, evaluate_case.generation_only(model, tok, [group[i] for i in lacking])):
-            cases[i][stage].update(metrics)
-            atomic_write_json(paths[i], cases[i])
-        added += len(lacking)
-    if added:
-        LOG.info("added the generation tests to the '%s' stage of %d finished cases", stage, added)
-    return added
+        case = json.loads(path.read_text())
+        if stage in case and "ngram_entropy" not in case[stage]:
+            lacking.append((record, path, case))
+    for group in chunks(lacking, GENERATION_GROUP):
+        for (_, path, case), metrics in zip(group, evaluate_case.generation_only(model, tok, [r for r, _, _ in group])):
+            case[stage].update(metrics)
+            atomic_write_json(path, case)
+    if lacking:
+        LOG.info("added the generation tests to the '%s' stage of %d finished cases", stage, len(lacking))
+    return len(lacking)
 
 
 def cli(argv=None) -> int:

@@ -332,6 +332,30 @@ def test_driver_run_on_easyedit_counterfact_writes_memit_case_files(tiny_easyedi
                           "--dataset_size_limit", "4", "--num_edits", "2", "--continue_from_run", run_dir.name)
 
 
+def test_final_generation_texts_are_sampled_across_evaluation_groups(tiny_easyedit_run, data_dir, monkeypatch):
+    """The final stage is scored group by group (each saved as it ends), but the fluency texts of many cases
+    are sampled in one call (GENERATION_GROUP cases), not one small call per group."""
+    from experiments.driver import Evaluator
+
+    calls = []
+    real = Evaluator.generation_only
+
+    def counting(self, model, tok, records):
+        calls.append([r["case_id"] for r in records])
+        return real(self, model, tok, records)
+
+    monkeypatch.setattr(Evaluator, "generation_only", counting)
+    monkeypatch.setattr(evaluate, "FINAL_EVALUATION_GROUP", 1)
+    monkeypatch.setattr(evaluate, "GENERATION_GROUP", 3)
+    run_dir, _ = tiny_easyedit_run("--ds_name", "cf_easyedit", "--data_dir", str(data_dir), "--dataset_size_limit",
+                                   "4", "--num_edits", "2", "--skip_free_generation")
+    expected = [r["case_id"] for r in raw_split(data_dir, "train")[:4]]
+    assert calls == [expected[:3], expected[3:]]
+    for path in run_dir.glob("2_edits-case_*.json"):
+        final = json.loads(path.read_text())["final"]
+        assert len(final["text"]) == 2 and final["ngram_entropy"] > 0 and "rewrite_prompts_probs" in final
+
+
 def test_resumed_run_adds_missing_generation_tests_to_finished_cases(tiny_easyedit_run, data_dir):
     """A run whose pre and final stages were scored without the generation tests gets them on resume (pre on
     the unedited weights), nothing else changes, and no round is repeated; the texts equal those of a run

@@ -197,12 +197,12 @@ def test_run_interrupted_in_the_final_evaluation_keeps_its_last_round_step_and_m
     class Counting(real_evaluator):
         crash_at = None
 
-        def many(self, model, tok, records, stage=None):
+        def many(self, model, tok, records, stage=None, **kwargs):
             for record in records:
                 measurements.append(record["case_id"])
                 if len(measurements) == Counting.crash_at:
                     raise KeyboardInterrupt
-            return super().many(model, tok, records, stage)
+            return super().many(model, tok, records, stage, **kwargs)
 
     monkeypatch.setattr(evaluate, "Evaluator", Counting)
     Counting.crash_at = 2 * 3 + 2  # pre and post of three cases, then the second final measurement
