@@ -262,7 +262,7 @@ def test_removed_memit_switches_fail_with_the_reason(switch, capsys):
 
 def test_eval_batch_size_replaces_conserve_memory():
     args = evaluate.parse_args(["--alg_name", "MEMIT", "--hparams_fname", "h.json"])
-    assert args.eval_batch_size == 32
+    assert args.eval_batch_size == 64
     assert evaluate.parse_args(["--alg_name", "MEMIT", "--hparams_fname", "h.json", "--eval_batch_size", "8"]
                                ).eval_batch_size == 8
 
