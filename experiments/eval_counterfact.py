@@ -240,8 +240,9 @@ def compute_rewrite_quality_counterfact_many(
     prompts, targets, budgets, groups_per_record = [], [], [], []
     for record in records:
         target_new, target_true = _targets(record)
-        groups = {}
-        for kind, kind_prompts in _prompts(record).items():
+        groups, prompts_of = {}, _prompts(record)
+        for kind in PROMPT_KINDS:  # the order in which the outcomes are read back below
+            kind_prompts = prompts_of[kind]
             expected, competing = (target_true, target_new) if kind == "neighborhood_prompts" else (target_new, target_true)
             groups[kind] = [(p, expected, competing) for p in kind_prompts]
             prompts += kind_prompts
