@@ -67,7 +67,9 @@ def spread_update_over_layers(
     lower = None  # with z_below_cache, the blocks below the layer edited last run once per pass, not per layer
     for i, layer in enumerate(layers):
         rewrite = hparams.rewrite_module(layer)
-        keep = LowerBlocks([hparams.layer_module(b) for b in range(layer)]) if hparams.z_below_cache and layer else None
+        later = i < len(layers) - 1  # a pass keeps its lower blocks' output only for a pass after it
+        keep = LowerBlocks([hparams.layer_module(b) for b in range(layer)]) if hparams.z_below_cache and layer and later \
+            else None
         if lower is not None and len(lower.blocks) > layer:  # layers out of order: nothing below is unchanged
             lower = None
         inputs, outputs = states_at_fact_tokens(
