@@ -39,7 +39,8 @@ from experiments.eval_counterfact import (
 )
 from experiments.eval_zsre import compute_rewrite_quality_zsre
 from experiments.free_generation import FreeGeneration, answer_correct, answer_text
-from util.generate import generation_seed, sample_top_k_ids, sample_top_k_texts
+from util.generate import (_forward_kwargs, generation_seed, reserve_room, roomy_layer_class, sample_top_k_ids,
+                           sample_top_k_texts)
 from util.scoring import continuation_scores
 
 RECORD = {
@@ -638,6 +639,34 @@ def test_sampling_unchanged_by_the_shared_decoding_loop(tiny_gpt2, tiny_tok):
             ids.append(int(top.indices[torch.multinomial(top.values / top.values.sum(), 1, generator=generator)]))
         assert sequence == ids
 
+
+
+@pytest.mark.parametrize("model_fixture, tok_fixture", [("tiny_gpt2", "tiny_tok"), ("tiny_llama", "tiny_tok_bos")])
+def test_cache_with_reserved_room_decodes_and_crops_as_the_growing_cache(request, model_fixture, tok_fixture):
+    """``reserve_room``: decoding steps write into reserved buffers (and past the room, which grows them) and
+    crop like ``DynamicLayer``, with the logits of the concatenating cache."""
+    model, tok = request.getfixturevalue(model_fixture), request.getfixturevalue(tok_fixture)
+    ids = torch.tensor([tok("Paris is known for its wine and the people")["input_ids"]])
+    cache_name = _forward_kwargs(model)["cache"]
+    step = lambda cache, token_ids: model(input_ids=token_ids, use_cache=True, **{cache_name: cache})
+    with torch.no_grad():
+        growing, roomy = step(None, ids[:, :4]), step(None, ids[:, :4])
+        growing, roomy = growing.past_key_values, roomy.past_key_values
+        reserve_room(roomy, 2)
+        assert all(isinstance(layer, roomy_layer_class()) for layer in roomy.layers)
+        buffer = roomy.layers[0]._buffers[0]
+        for position in range(4, 9):  # two positions fit the room, the third moves to larger buffers
+            expected, got = step(growing, ids[:, position : position + 1]), step(roomy, ids[:, position : position + 1])
+            assert torch.allclose(got.logits, expected.logits, atol=1e-5)
+            growing, roomy = expected.past_key_values, got.past_key_values
+            assert (roomy.layers[0]._buffers[0] is buffer) is (position < 6)
+        growing.crop(-3)
+        roomy.crop(-3)
+        assert roomy.get_seq_length() == growing.get_seq_length() == 6
+        for a, b in zip(growing.layers, roomy.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        expected, got = step(growing, ids[:, 9:10]), step(roomy, ids[:, 9:10])
+        assert torch.allclose(got.logits, expected.logits, atol=1e-5)
 
 @pytest.mark.slow
 def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_tok, data_dir):

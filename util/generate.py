@@ -12,6 +12,7 @@ its cached keys and values, and the short argmax answer of the free-generation m
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import unicodedata
@@ -165,6 +166,7 @@ def _decode_from(model, tok, logits, cache, mask, positions, budgets, choose, ca
     new_tokens: List[List[int]] = [[] for _ in budgets]
     steps = max(budgets, default=0)
     pad = pad_token_id(tok)
+    reserve_room(cache, steps)
     for step in range(steps):
         active = [row for row, budget in enumerate(budgets) if step < budget]
         picked = choose(logits, active)
@@ -180,6 +182,59 @@ def _decode_from(model, tok, logits, cache, mask, positions, budgets, choose, ca
                     use_cache=True, **{cache_name: cache}, **options)
         logits, cache = out.logits[:, -1, :], _cache_of(out)
     return new_tokens
+
+
+def reserve_room(cache, tokens: int) -> None:
+    """Give every plain layer of a ``DynamicCache`` room for ``tokens`` more positions (``roomy_layer_class``);
+    other caches are left as they are."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not isinstance(cache, DynamicCache) or tokens <= 0:
+        return
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            cache.layers[index] = roomy_layer_class()(layer.keys, layer.values, tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def roomy_layer_class():
+    """The cache layer class below, defined on first use so that importing this module imports no transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A cache layer whose keys and values sit at the front of buffers with room for more positions, so that
+        a decoding step writes its position in place. ``DynamicLayer`` concatenates the whole cache with the new
+        position at every step, which made sampling 100-token texts in batches of 256 12% slower on a 2-core CPU.
+        ``keys`` and ``values`` are views of the filled part, as ``crop`` and the attention read them."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+            super().__init__()
+            self.device, self.is_initialized, self.length = keys.device, True, 0
+            self._buffers = tuple(t.new_empty(*t.shape[:-2], 0, t.shape[-1]) for t in (keys, values))
+            self.update(keys, values, room=room)
+
+        def update(self, key_states, value_states, *args, room: int = 0, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self._buffers[0].shape[-2]:  # out of room: move to buffers with ``room`` more, or twice
+                capacity = end + room if room else 2 * end
+                self._buffers = tuple(
+                    torch.cat([buffer[..., : self.length, :],
+                               states.new_empty(*states.shape[:-2], capacity - self.length, states.shape[-1])], dim=-2)
+                    for buffer, states in zip(self._buffers, (key_states, value_states)))
+            self._buffers[0][..., self.length : end, :] = key_states
+            self._buffers[1][..., self.length : end, :] = value_states
+            self.length = end
+            self.keys, self.values = (buffer[..., :end, :] for buffer in self._buffers)
+            return self.keys, self.values
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop takes a negative count of positions to remove, got {tokens_to_remove}")
+            self.length -= min(abs(tokens_to_remove), self.length)
+            self.keys, self.values = (buffer[..., : self.length, :] for buffer in self._buffers)
+
+    return RoomyLayer
 
 
 def _argmax_choice(logits: torch.Tensor, active: List[int]) -> dict:
