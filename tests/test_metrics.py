@@ -39,8 +39,8 @@ from experiments.eval_counterfact import (
 )
 from experiments.eval_zsre import compute_rewrite_quality_zsre
 from experiments.free_generation import FreeGeneration, answer_correct, answer_text
-from util.generate import (_forward_kwargs, generation_seed, reserve_room, roomy_layer_class, sample_top_k_ids,
-                           sample_top_k_texts)
+from util.generate import (_cache_of, _forward_kwargs, generation_seed, reserve_room, roomy_layer_class,
+                           sample_top_k_ids, sample_top_k_texts)
 from util.scoring import continuation_scores
 
 RECORD = {
@@ -640,7 +640,6 @@ def test_sampling_unchanged_by_the_shared_decoding_loop(tiny_gpt2, tiny_tok):
         assert sequence == ids
 
 
-
 @pytest.mark.parametrize("model_fixture, tok_fixture", [("tiny_gpt2", "tiny_tok"), ("tiny_llama", "tiny_tok_bos")])
 def test_cache_with_reserved_room_decodes_and_crops_as_the_growing_cache(request, model_fixture, tok_fixture):
     """``reserve_room``: decoding steps write into reserved buffers (and past the room, which grows them) and
@@ -651,14 +650,14 @@ def test_cache_with_reserved_room_decodes_and_crops_as_the_growing_cache(request
     step = lambda cache, token_ids: model(input_ids=token_ids, use_cache=True, **{cache_name: cache})
     with torch.no_grad():
         growing, roomy = step(None, ids[:, :4]), step(None, ids[:, :4])
-        growing, roomy = growing.past_key_values, roomy.past_key_values
+        growing, roomy = _cache_of(growing), _cache_of(roomy)
         reserve_room(roomy, 2)
         assert all(isinstance(layer, roomy_layer_class()) for layer in roomy.layers)
         buffer = roomy.layers[0]._buffers[0]
         for position in range(4, 9):  # two positions fit the room, the third moves to larger buffers
             expected, got = step(growing, ids[:, position : position + 1]), step(roomy, ids[:, position : position + 1])
             assert torch.allclose(got.logits, expected.logits, atol=1e-5)
-            growing, roomy = expected.past_key_values, got.past_key_values
+            growing, roomy = _cache_of(expected), _cache_of(got)
             assert (roomy.layers[0]._buffers[0] is buffer) is (position < 6)
         growing.crop(-3)
         roomy.crop(-3)
@@ -667,6 +666,7 @@ def test_cache_with_reserved_room_decodes_and_crops_as_the_growing_cache(request
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
         expected, got = step(growing, ids[:, 9:10]), step(roomy, ids[:, 9:10])
         assert torch.allclose(got.logits, expected.logits, atol=1e-5)
+
 
 @pytest.mark.slow
 def test_embedded_model_prefers_true_targets_before_editing(embedded_model_and_tok, data_dir):
